@@ -1,0 +1,43 @@
+"""tlreg: transfer learning for image classification on any timm backbone.
+
+The package imports neither torch nor timm until a name that needs them is used, so the CLI
+starts instantly and `import tlreg` is cheap in a notebook.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it; resolved on first attribute access (PEP 562).
+_LAZY = {
+    "create_model": "tlreg.model",
+    "TransferModel": "tlreg.model",
+    "BackboneSpec": "tlreg.backbones",
+    "FreezePlan": "tlreg.policies",
+    "build_optimizer": "tlreg.optim",
+    "fit": "tlreg.train",
+    "TrainConfig": "tlreg.config",
+    "TlregError": "tlreg.errors",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tlreg.backbones import BackboneSpec
+    from tlreg.config import TrainConfig
+    from tlreg.errors import TlregError
+    from tlreg.model import TransferModel, create_model
+    from tlreg.optim import build_optimizer
+    from tlreg.policies import FreezePlan
+    from tlreg.train import fit
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tlreg' has no attribute {name!r}")

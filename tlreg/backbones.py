@@ -1,0 +1,188 @@
+"""Backbone specs: which timm model, which weights, and the defaults that suit it.
+
+A `BackboneSpec` is plain data; building it into a module imports torch and timm lazily, so
+plugins can define specs at import time without slowing down `tlreg --help`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tlreg.errors import WeightsError
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+StateDict = Mapping[str, "Tensor"]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A named backbone.
+
+    Weights come from timm's default (Hub) source for `timm_name.tag`, from a local safetensors
+    file (`weights_file`), or from `loader`, a function a plugin provides that returns a state
+    dict (the classifier may be included; it is dropped).
+    """
+
+    timm_name: str
+    tag: str | None = None
+    weights_file: str | None = None
+    loader: Callable[[], StateDict] | None = field(default=None, compare=False)
+    weights_sha256: str | None = None  # canonical hash the loaded weights must have, if known
+    hub_id: str | None = None  # Hub repo the weights come from, for model cards' base_model
+    head: str = "linear"
+    policy: str = "feature-extract"
+    lr: float = 1e-3
+    layer_decay: float = 0.75
+    summary: str = ""
+
+    @property
+    def arch(self) -> str:
+        return f"{self.timm_name}.{self.tag}" if self.tag else self.timm_name
+
+    @property
+    def source(self) -> str:
+        """Where pretrained weights come from: 'loader', 'file' or 'timm'."""
+        if self.loader is not None:
+            return "loader"
+        return "file" if self.weights_file else "timm"
+
+    def defaults(self) -> dict[str, Any]:
+        return {"head": self.head, "policy": self.policy, "lr": self.lr,
+                "layer_decay": self.layer_decay}
+
+
+def timm_spec(arch: str) -> BackboneSpec:
+    """A spec for any raw timm model, `name` or `name.tag` (the `timm:` namespace)."""
+    from tlreg import _timm
+    from tlreg.errors import UnknownNameError
+    from tlreg.registry import _suggest
+
+    name, _, tag = arch.partition(".")
+    if not _timm.is_model(name):
+        hint = _suggest(name, _timm.list_models(f"{name[:3]}*"))
+        raise UnknownNameError(f"unknown timm model {name!r}{hint}")
+    return BackboneSpec(timm_name=name, tag=tag or None, summary="raw timm model")
+
+
+def weights_sha256(state_dict: StateDict) -> str:
+    """Canonical SHA-256 over sorted names, dtypes, shapes and bytes: same weights, same hash.
+
+    Independent of the file format, key order and device the weights came from.
+    """
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def build_backbone(spec: BackboneSpec, *, name: str, pretrained: bool = True,
+                   weights: str | os.PathLike[str] | None = None) -> nn.Module:
+    """The timm model for `spec`, classifier removed, with the weights asked for.
+
+    `weights` (a safetensors file) overrides the spec's source. Every failure to get weights
+    is one `WeightsError` naming the backbone, the source, and how to supply a file instead.
+    """
+    from tlreg import _timm
+
+    weights_file = weights or spec.weights_file
+    if pretrained and weights_file is None and spec.loader is None:
+        try:
+            return _timm.create_backbone(spec.timm_name, spec.tag, pretrained=True)
+        except Exception as exc:  # network, offline mode, missing file: all the same to a user
+            offline = " (HF_HUB_OFFLINE is set)" if _offline() else ""
+            raise WeightsError(
+                f"could not get pretrained weights for backbone {name!r} from timm's source "
+                f"{spec.arch!r}{offline}: {type(exc).__name__}: {_first_line(exc)}. "
+                f"Supply them from a file with --weights FILE.safetensors (weights=... in Python), "
+                f"or use --no-pretrained"
+            ) from exc
+    model = _timm.create_backbone(spec.timm_name, spec.tag, pretrained=False)
+    if not pretrained:
+        return model
+    if weights_file is not None:
+        state, source = _read_safetensors(Path(weights_file), name), f"file {weights_file}"
+    else:
+        assert spec.loader is not None
+        source = f"loader {getattr(spec.loader, '__qualname__', spec.loader)!r}"
+        try:
+            state = spec.loader()
+        except Exception as exc:
+            raise WeightsError(f"could not load weights for backbone {name!r} from {source}: "
+                               f"{type(exc).__name__}: {exc}") from exc
+    load_backbone_state(model, state, name=name, source=source)
+    if spec.weights_sha256 and weights is None:
+        got = weights_sha256(model.state_dict())
+        if got != spec.weights_sha256:
+            raise WeightsError(f"weights for backbone {name!r} from {source} hash to {got}, "
+                               f"expected {spec.weights_sha256}")
+    return model
+
+
+def load_backbone_state(model: nn.Module, state: StateDict, *, name: str, source: str) -> None:
+    """Strict load that tolerates only the original classifier's keys in `state`."""
+    from tlreg import _timm
+
+    drop = tuple(p + "." for p in _timm.classifier_prefixes(model))
+    own = set(model.state_dict())
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(drop)}
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise WeightsError(
+            f"weights for backbone {name!r} from {source} do not match {model.pretrained_cfg.get('architecture')}: "
+            f"missing {_few(result.missing_keys)}, unexpected {_few(result.unexpected_keys)}"
+        )
+
+
+def _read_safetensors(path: Path, name: str) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if path.suffix != ".safetensors":
+        raise WeightsError(f"weights for backbone {name!r} must be a .safetensors file, got {path} "
+                           "(pickled checkpoints are never loaded)")
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as exc:
+        raise WeightsError(f"could not read weights file {path} for backbone {name!r}: {exc}") from exc
+
+
+def _few(keys: list[str], n: int = 5) -> str:
+    if not keys:
+        return "none"
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+# Built-in backbones: a curated set over CNNs and ViTs, registered as entry points in
+# pyproject.toml exactly as a third-party plugin would.
+resnet18 = BackboneSpec("resnet18", "a1_in1k", lr=1e-3, layer_decay=0.7,
+                        summary="ResNet-18, the transfer-learning tutorial's classic")
+resnet50 = BackboneSpec("resnet50", "a1_in1k", lr=1e-3, layer_decay=0.7,
+                        summary="ResNet-50 (timm A1 recipe)")
+efficientnet_b0 = BackboneSpec("efficientnet_b0", "ra_in1k", lr=1e-3, layer_decay=0.7,
+                               summary="EfficientNet-B0, small and strong")
+convnext_tiny = BackboneSpec("convnext_tiny", "fb_in1k", lr=5e-4, layer_decay=0.7,
+                             summary="ConvNeXt-T, a modern CNN")
+mobilenetv3_large_100 = BackboneSpec("mobilenetv3_large_100", "ra_in1k", lr=1e-3, layer_decay=0.7,
+                                     summary="MobileNetV3-L, for CPUs and phones")
+vit_small_patch16_224 = BackboneSpec("vit_small_patch16_224", "augreg_in21k_ft_in1k", lr=5e-4,
+                                     layer_decay=0.65, summary="ViT-S/16, a small vision transformer")

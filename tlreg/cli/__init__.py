@@ -1,0 +1,79 @@
+"""The `tlreg` command: a thin typer layer over the Python API.
+
+Importing this module must stay cheap: command modules import torch and timm inside the
+command bodies, so `tlreg --help` and the list commands start instantly.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from importlib import import_module
+
+import click
+import typer
+
+from tlreg import __version__
+from tlreg.errors import TlregError
+
+app = typer.Typer(
+    name="tlreg",
+    help="Transfer learning for image classification on any timm backbone.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# Each module defines `register(app)`; one per area so a newcomer finds a command by its name.
+_COMMAND_MODULES = ("registry", "train", "hub", "demo")
+
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"tlreg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    _state["debug"] = debug
+
+
+for _name in _COMMAND_MODULES:
+    import_module(f"tlreg.cli.{_name}").register(app)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one clear line per error (tracebacks only with --debug)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    _state["debug"] = "--debug" in args
+    if not _state["debug"]:
+        warnings.showwarning = _show_warning
+    try:
+        rv = app(args=args, prog_name="tlreg", standalone_mode=False)
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except TlregError as exc:
+        if _state["debug"]:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
