@@ -196,3 +196,15 @@ def _hub_id(spec: BackboneSpec) -> str | None:
         return None
     cfg = _timm.pretrained_cfg(spec.timm_name, spec.tag)
     return cfg.get("hf_hub_id") if cfg else None
+
+
+def build_from_info(info: ModelInfo, *, pretrained: bool = False,
+                    weights: str | None = None) -> TransferModel:
+    """Rebuild the model a ModelInfo describes (random weights unless `pretrained`)."""
+    model = create_model(
+        info.backbone, info.num_classes, head=info.head, head_args=info.head_args,
+        policy=info.policy, policy_args=info.policy_args, pretrained=pretrained,
+        weights=weights, label_names=info.label_names,
+    )
+    model.info = info  # keep the original weight source, not 'random'
+    return model

@@ -1,0 +1,161 @@
+"""Run directories and checkpoints, written atomically.
+
+A checkpoint is a directory holding `model.safetensors` (the full TransferModel state dict),
+optionally `train_state.safetensors` (optimizer and RNG tensors) and `state.json` (everything
+else). It is written beside its final place and swapped in with renames, so a reader never sees
+a half-written pair: after a crash, either the old or the new checkpoint is there whole.
+
+Run directory layout::
+
+    RUN/config.yaml  run.json  model.json  history.json  summary.json  training.png
+    RUN/checkpoints/best/   RUN/checkpoints/last/
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tlreg.errors import UsageError
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from tlreg.model import ModelInfo, TransferModel
+
+MODEL_FILE = "model.safetensors"
+TRAIN_STATE_FILE = "train_state.safetensors"
+STATE_FILE = "state.json"
+MODEL_JSON = "model.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file via a temporary sibling and `os.replace` (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, tuple | set | frozenset):
+        return list(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def save_checkpoint(path: Path, model_state: Mapping[str, Tensor], state: Mapping[str, Any],
+                    train_state: Mapping[str, Tensor] | None = None) -> None:
+    """Write a checkpoint directory as one unit (write aside, then swap with renames)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()},
+                  tmp / MODEL_FILE)
+        if train_state is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in train_state.items()},
+                      tmp / TRAIN_STATE_FILE)
+        atomic_write_json(tmp / STATE_FILE, dict(state))
+        _fsync_dir(tmp)
+        old = path.with_name(f".{path.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_dir(path: Path) -> Path | None:
+    """The complete checkpoint at `path`, or the previous one if a swap was interrupted."""
+    path = Path(path)
+    for candidate in (path, path.with_name(f".{path.name}.old")):
+        if (candidate / STATE_FILE).is_file() and (candidate / MODEL_FILE).is_file():
+            return candidate
+    return None
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any],
+                                          dict[str, Tensor] | None]:
+    """(model tensors, JSON state, train-state tensors or None); only safetensors are read."""
+    from safetensors.torch import load_file
+
+    found = checkpoint_dir(path)
+    if found is None:
+        raise UsageError(f"no checkpoint at {path}")
+    state = json.loads((found / STATE_FILE).read_text(encoding="utf-8"))
+    train = found / TRAIN_STATE_FILE
+    return (load_file(found / MODEL_FILE), state,
+            load_file(train) if train.is_file() else None)
+
+
+def info_to_dict(info: ModelInfo) -> dict[str, Any]:
+    d = asdict(info)
+    d["label_names"] = list(info.label_names)
+    return d
+
+
+def info_from_dict(d: Mapping[str, Any]) -> ModelInfo:
+    from tlreg.model import ModelInfo
+
+    d = dict(d)
+    d["label_names"] = tuple(d.get("label_names") or ())
+    known = set(ModelInfo.__dataclass_fields__)
+    return ModelInfo(**{k: v for k, v in d.items() if k in known})
+
+
+def write_model_json(run_dir: Path, model: TransferModel, extra: Mapping[str, Any] = ()) -> None:
+    """What the run's model is: ModelInfo, the data config and the pretrained weights hash."""
+    data = {"info": info_to_dict(model.info), "data_config": model.data_config, **dict(extra)}
+    atomic_write_json(Path(run_dir) / MODEL_JSON, data)
+
+
+def load_run_model(run_dir: Path, checkpoint: str = "best") -> TransferModel:
+    """Rebuild a run's TransferModel (no download: every weight comes from the checkpoint)."""
+    from tlreg.model import build_from_info
+
+    run_dir = Path(run_dir)
+    if checkpoint not in {"best", "last"}:
+        raise UsageError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
+    meta_path = run_dir / MODEL_JSON
+    if not meta_path.is_file():
+        raise UsageError(f"{run_dir} is not a tlreg run directory (no {MODEL_JSON})")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    model = build_from_info(info_from_dict(meta["info"]), pretrained=False)
+    tensors, _, _ = read_checkpoint(run_dir / "checkpoints" / checkpoint)
+    model.load_state_dict(tensors, strict=True)
+    model.eval()
+    return model
