@@ -23,7 +23,10 @@ _LAZY = {
     "TlregError": "tlreg.errors",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [  # noqa: RUF022 - listed explicitly so linters and IDEs see the lazy names
+    "__version__", "BackboneSpec", "FreezePlan", "TlregError", "TrainConfig", "TransferModel",
+    "build_optimizer", "create_model", "fit",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from tlreg.backbones import BackboneSpec

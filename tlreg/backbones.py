@@ -139,7 +139,8 @@ def load_backbone_state(model: nn.Module, state: StateDict, *, name: str, source
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise WeightsError(
-            f"weights for backbone {name!r} from {source} do not match {model.pretrained_cfg.get('architecture')}: "
+            f"weights for backbone {name!r} from {source} do not match "
+            f"{model.pretrained_cfg.get('architecture')}: "
             f"missing {_few(result.missing_keys)}, unexpected {_few(result.unexpected_keys)}"
         )
 
@@ -149,12 +150,13 @@ def _read_safetensors(path: Path, name: str) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
     if path.suffix != ".safetensors":
-        raise WeightsError(f"weights for backbone {name!r} must be a .safetensors file, got {path} "
-                           "(pickled checkpoints are never loaded)")
+        raise WeightsError(f"weights for backbone {name!r} must be a .safetensors file, "
+                           f"got {path} (pickled checkpoints are never loaded)")
     try:
         return load_file(path)
     except (OSError, SafetensorError) as exc:
-        raise WeightsError(f"could not read weights file {path} for backbone {name!r}: {exc}") from exc
+        raise WeightsError(
+            f"could not read weights file {path} for backbone {name!r}: {exc}") from exc
 
 
 def _few(keys: list[str], n: int = 5) -> str:
@@ -182,7 +184,7 @@ efficientnet_b0 = BackboneSpec("efficientnet_b0", "ra_in1k", lr=1e-3, layer_deca
                                summary="EfficientNet-B0, small and strong")
 convnext_tiny = BackboneSpec("convnext_tiny", "fb_in1k", lr=5e-4, layer_decay=0.7,
                              summary="ConvNeXt-T, a modern CNN")
-mobilenetv3_large_100 = BackboneSpec("mobilenetv3_large_100", "ra_in1k", lr=1e-3, layer_decay=0.7,
-                                     summary="MobileNetV3-L, for CPUs and phones")
+mobilenetv3_large_100 = BackboneSpec("mobilenetv3_large_100", "ra_in1k", lr=1e-3,
+                                     layer_decay=0.7, summary="MobileNetV3-L, for CPUs and phones")
 vit_small_patch16_224 = BackboneSpec("vit_small_patch16_224", "augreg_in21k_ft_in1k", lr=5e-4,
                                      layer_decay=0.65, summary="ViT-S/16, a small vision transformer")

@@ -29,8 +29,9 @@ def linear(in_features: int, num_classes: int, dropout: float = 0.0) -> nn.Modul
 
 
 def mlp(in_features: int, num_classes: int, hidden: Sequence[int] | int = (512,),
-        dropout: float = 0.2, activation: str = "relu", norm: str | None = "batchnorm") -> nn.Module:
-    """fastai-style head: [norm, dropout, linear, activation] per hidden layer, then a classifier."""
+        dropout: float = 0.2, activation: str = "relu",
+        norm: str | None = "batchnorm") -> nn.Module:
+    """fastai-style head: [norm, dropout, linear, activation] per hidden layer, a classifier."""
     if activation not in _ACTIVATIONS:
         raise ValueError(f"mlp head: unknown activation {activation!r}; "
                          f"choose from {sorted(_ACTIVATIONS)}")

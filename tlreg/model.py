@@ -40,6 +40,7 @@ class ModelInfo:
     policy_args: dict[str, Any] = field(default_factory=dict)
     label_names: tuple[str, ...] = ()
     hub_id: str | None = None
+    data_config: dict[str, Any] | None = None  # set when training overrode the input size
 
 
 class TransferModel(nn.Module):
@@ -69,7 +70,7 @@ class TransferModel(nn.Module):
     @property
     def data_config(self) -> dict[str, Any]:
         """Input size, mean, std, interpolation and crop the backbone's weights expect."""
-        return _timm.model_data_config(self.backbone)
+        return dict(self.info.data_config or _timm.model_data_config(self.backbone))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled pre-logits features (right for CNNs and ViTs alike)."""
@@ -133,6 +134,27 @@ class TransferModel(nn.Module):
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # -- sharing (tlreg.artifact and tlreg.hub hold the logic) ----------------------------
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> Any:
+        """Write the head-only artifact folder (see docs/format.md)."""
+        from tlreg.artifact import save_artifact
+
+        return save_artifact(self, save_directory, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Push the artifact to the Hub as one commit."""
+        from tlreg.hub import push_model
+
+        return push_model(self, repo_id, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, source: str, **kwargs: Any) -> TransferModel:
+        """Load an artifact from a local folder, a run directory or a Hub id (`hf:` forces it)."""
+        from tlreg.artifact import load_artifact
+
+        return load_artifact(source, **kwargs)
 
     def stage_members(self) -> dict[int, list[str]]:
         return _timm.group_members(self.stage_of)

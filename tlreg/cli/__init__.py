@@ -26,7 +26,7 @@ app = typer.Typer(
 )
 
 # Each module defines `register(app)`; one per area so a newcomer finds a command by its name.
-_COMMAND_MODULES = ("registry", "train", "hub", "demo")
+_COMMAND_MODULES = ("registry", "train", "optim", "hub", "demo")
 
 _state = {"debug": False}
 
@@ -50,7 +50,7 @@ for _name in _COMMAND_MODULES:
     import_module(f"tlreg.cli.{_name}").register(app)
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
