@@ -187,4 +187,4 @@ convnext_tiny = BackboneSpec("convnext_tiny", "fb_in1k", lr=5e-4, layer_decay=0.
 mobilenetv3_large_100 = BackboneSpec("mobilenetv3_large_100", "ra_in1k", lr=1e-3,
                                      layer_decay=0.7, summary="MobileNetV3-L, for CPUs and phones")
 vit_small_patch16_224 = BackboneSpec("vit_small_patch16_224", "augreg_in21k_ft_in1k", lr=5e-4,
-                                     layer_decay=0.65, summary="ViT-S/16, a small vision transformer")
+                                     layer_decay=0.65, summary="ViT-S/16, a small transformer")
