@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,7 +137,15 @@ def load_backbone_state(model: nn.Module, state: StateDict, *, name: str, source
     drop = tuple(p + "." for p in _timm.classifier_prefixes(model))
     own = set(model.state_dict())
     state = {k: v for k, v in state.items() if k in own or not k.startswith(drop)}
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches raise even with strict=False
+        wrong = re.findall(r"size mismatch for ([^:]+):", str(exc))
+        detail = f"wrong shape for {_few(wrong)}" if wrong else _first_line(exc)
+        raise WeightsError(
+            f"weights for backbone {name!r} from {source} do not match "
+            f"{model.pretrained_cfg.get('architecture')}: {detail}"
+        ) from exc
     if result.missing_keys or result.unexpected_keys:
         raise WeightsError(
             f"weights for backbone {name!r} from {source} do not match "

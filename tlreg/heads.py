@@ -64,7 +64,12 @@ class CosineClassifier(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_classes, in_features))
         nn.init.normal_(self.weight, std=1.0)
-        self.scale = nn.Parameter(torch.tensor(float(scale)), requires_grad=learn_scale)
+        # A fixed scale is a buffer, not a frozen parameter: freezing plans set every head
+        # parameter trainable, which would silently make a fixed scale learn.
+        if learn_scale:
+            self.scale = nn.Parameter(torch.tensor(float(scale)))
+        else:
+            self.register_buffer("scale", torch.tensor(float(scale)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.scale * F.linear(F.normalize(x, dim=-1), F.normalize(self.weight, dim=-1))

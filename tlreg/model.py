@@ -17,7 +17,7 @@ from torch import nn
 
 from tlreg import _timm
 from tlreg.backbones import BackboneSpec, build_backbone
-from tlreg.errors import UsageError
+from tlreg.errors import PluginError, UsageError
 from tlreg.policies import FreezePlan, Policy
 from tlreg.registry import TIMM_PREFIX, find, get_backbone, get_head, get_policy
 
@@ -170,7 +170,8 @@ def resolve_policy(name: str, args: Mapping[str, Any] | None = None) -> Policy:
     except TypeError as exc:
         raise UsageError(f"policy {name!r}: bad arguments {dict(args or {})}: {exc}") from exc
     if not isinstance(policy, Policy):
-        raise UsageError(f"policy {name!r} returned {type(policy).__name__}, not a Policy")
+        raise PluginError(f"policy {name!r} from package {find('policy', name).dist} returned "
+                          f"{type(policy).__name__}, not a Policy")
     return policy
 
 
@@ -182,7 +183,8 @@ def build_head(name: str, in_features: int, num_classes: int,
     except (TypeError, ValueError) as exc:
         raise UsageError(f"head {name!r}: bad arguments {dict(args or {})}: {exc}") from exc
     if not isinstance(head, nn.Module):
-        raise UsageError(f"head {name!r} returned {type(head).__name__}, not an nn.Module")
+        raise PluginError(f"head {name!r} from package {find('head', name).dist} returned "
+                          f"{type(head).__name__}, not an nn.Module")
     return head
 
 

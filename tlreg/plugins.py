@@ -69,7 +69,8 @@ def find_plugins(kind: str | None = None) -> list[Plugin]:
         # entry_points() already yields each distribution once, even if it sits on sys.path twice.
         for ep in metadata.entry_points(group=GROUPS[k]):
             dist = ep.dist
-            dist_name = normalize_dist(dist.metadata["Name"]) if dist else "unknown"
+            # A METADATA file without a Name must not break discovery for every package.
+            dist_name = normalize_dist((dist.metadata.get("Name") if dist else None) or "unknown")
             if dist_name in blocked:
                 continue
             version = dist.version if dist else "?"

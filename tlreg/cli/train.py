@@ -1,9 +1,255 @@
-"""CLI commands: train (filled in by the issue that adds them)."""
+"""CLI commands: `train`, `eval`, `predict`, `cache`."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import typer
+
+from tlreg.cli._output import print_json, print_table
+from tlreg.errors import UsageError
+
+cache_app = typer.Typer(help="Inspect or clear the feature cache.", no_args_is_help=True)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the `tlreg` app."""
+    app.command("train")(train)
+    app.command("eval")(evaluate)
+    app.command("predict")(predict)
+    app.add_typer(cache_app, name="cache")
+
+
+def parse_kv(items: list[str] | None, what: str) -> dict[str, Any]:
+    """`key=value` pairs; values are read as YAML (numbers, lists, booleans, null)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--{what} takes key=value, got {item!r}")
+        out[key.replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+def train(
+    data: str | None = typer.Argument(
+        None, help="Image folder: DATA/train/<class>, DATA/val/<class>."
+    ),
+    out: str | None = typer.Option(None, "--out", "-o", help="Run directory to create."),
+    config: Path | None = typer.Option(
+        None, "--config", help="YAML file with any of these options."
+    ),
+    resume: Path | None = typer.Option(None, "--resume", help="Continue an interrupted run."),
+    backbone: str | None = typer.Option(
+        None, "--backbone", "-b", help="Registered name or timm:<name>."
+    ),
+    head: str | None = typer.Option(None, "--head", help="Head name (default: the backbone's)."),
+    head_arg: list[str] | None = typer.Option(None, "--head-arg", help="key=value for the head."),
+    policy: str | None = typer.Option(
+        None, "--policy", "-p", help="feature-extract, finetune, partial, gradual, ..."
+    ),
+    policy_arg: list[str] | None = typer.Option(
+        None, "--policy-arg", help="key=value for the policy."
+    ),
+    pretrained: bool | None = typer.Option(
+        None, "--pretrained/--no-pretrained", help="Start from pretrained weights."
+    ),
+    weights: str | None = typer.Option(
+        None, "--weights", help="Backbone weights from a .safetensors file."
+    ),
+    epochs: int | None = typer.Option(None, "--epochs", "-e"),
+    batch_size: int | None = typer.Option(None, "--batch-size"),
+    optimizer: str | None = typer.Option(
+        None, "--optimizer", help="adamw, sgd, ... (any torch.optim)."
+    ),
+    lr: float | None = typer.Option(
+        None, "--lr", help="Head learning rate (default: the backbone's)."
+    ),
+    layer_decay: float | None = typer.Option(
+        None, "--layer-decay", help="LR factor per layer from the head."
+    ),
+    backbone_lr_mult: float | None = typer.Option(None, "--backbone-lr-mult"),
+    min_lr: float | None = typer.Option(None, "--min-lr"),
+    weight_decay: float | None = typer.Option(None, "--weight-decay"),
+    momentum: float | None = typer.Option(None, "--momentum"),
+    scheduler: str | None = typer.Option(
+        None, "--scheduler", help="cosine, step, onecycle, constant."
+    ),
+    warmup_epochs: float | None = typer.Option(None, "--warmup-epochs"),
+    step_size: int | None = typer.Option(None, "--step-size"),
+    gamma: float | None = typer.Option(None, "--gamma"),
+    label_smoothing: float | None = typer.Option(None, "--label-smoothing"),
+    solver: str | None = typer.Option(
+        None, "--solver", help="sgd (gradient steps) or lbfgs (linear head, cached features)."
+    ),
+    val_split: float | None = typer.Option(None, "--val-split", help="Split DATA/<class> folders."),
+    img_size: int | None = typer.Option(None, "--img-size"),
+    augment: bool | None = typer.Option(
+        None, "--augment/--no-augment", help="timm training augmentation."
+    ),
+    cache: bool | None = typer.Option(
+        None, "--cache/--no-cache", help="Cache frozen-backbone features."
+    ),
+    cache_dir: str | None = typer.Option(None, "--cache-dir"),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1."),
+    precision: str | None = typer.Option(None, "--precision", help="auto, fp32, bf16, fp16."),
+    channels_last: bool | None = typer.Option(None, "--channels-last/--no-channels-last"),
+    compile: bool | None = typer.Option(
+        None, "--compile/--no-compile", help="torch.compile the model."
+    ),
+    workers: int | None = typer.Option(None, "--workers"),
+    seed: int | None = typer.Option(None, "--seed"),
+    quiet: bool | None = typer.Option(None, "--quiet/--no-quiet", "-q"),
+) -> None:
+    """Train a head (and, by policy, the backbone) on an image folder."""
+    options = {
+        k: v
+        for k, v in locals().items()
+        if v is not None and k not in {"config", "resume", "head_arg", "policy_arg"}
+    }
+    if head_arg:
+        options["head_args"] = parse_kv(head_arg, "head-arg")
+    if policy_arg:
+        options["policy_args"] = parse_kv(policy_arg, "policy-arg")
+    from tlreg.config import TrainConfig
+    from tlreg.train import fit
+
+    if resume is not None:
+        result = fit(resume=resume, **options)
+    elif config is not None:
+        result = fit(TrainConfig.from_yaml(config, **options))
+    else:
+        if "data" not in options or "out" not in options:
+            raise UsageError("tlreg train needs DATA_DIR and --out (or --config FILE)")
+        result = fit(TrainConfig.from_dict(options))
+    s = result.summary
+    typer.echo(
+        f"val accuracy {s['val_accuracy']:.4f} (best {s['best_val_accuracy']:.4f}) "
+        f"after {s['epochs']} epochs, {s['wall_seconds']:.1f}s; "
+        f"{s['skipped_files']} files skipped -> {result.run_dir}"
+    )
+
+
+def evaluate(
+    source: str = typer.Argument(..., help="Run directory, artifact folder or Hub id."),
+    data: str = typer.Argument(..., help="Folder of <class>/ image folders."),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="best or last (run directories)."),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    device: str = typer.Option("cpu", "--device"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Accuracy, per-class precision / recall and the confusion matrix."""
+    from tlreg.predict import evaluate as run_eval
+    from tlreg.predict import load_model
+
+    report = run_eval(
+        load_model(source, checkpoint=checkpoint), data, batch_size=batch_size, device=device
+    )
+    if as_json:
+        print_json(report)
+        return
+    typer.echo(f"accuracy {report['accuracy']:.4f} on {report['images']} images")
+    print_table(
+        ["class", "precision", "recall", "support"],
+        [
+            (c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", m["support"])
+            for c, m in report["per_class"].items()
+        ],
+    )
+    classes = report["classes"]
+    print_table(
+        ["true \\ predicted", *classes],
+        [(c, *row) for c, row in zip(classes, report["confusion_matrix"], strict=True)],
+        title="confusion matrix",
+    )
+
+
+def predict(
+    source: str = typer.Argument(..., help="Run directory, artifact folder or Hub id."),
+    inputs: list[str] = typer.Argument(..., help="Image files or folders."),
+    top_k: int = typer.Option(1, "--top-k", "-k"),
+    checkpoint: str = typer.Option("best", "--checkpoint"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    device: str = typer.Option("cpu", "--device"),
+    revision: str | None = typer.Option(None, "--revision"),
+    token: str | None = typer.Option(None, "--token", help="Hub token (never stored)."),
+    allow_backbone_mismatch: bool = typer.Option(False, "--allow-backbone-mismatch"),
+    as_json: bool = typer.Option(False, "--json"),
+    csv: Path | None = typer.Option(None, "--csv", help="Also write the predictions as CSV."),
+) -> None:
+    """Top-k predictions for images and folders."""
+    from tlreg.predict import load_model
+    from tlreg.predict import predict as run_predict
+
+    hub = {k: v for k, v in {"revision": revision, "token": token}.items() if v is not None}
+    if allow_backbone_mismatch:
+        hub["allow_backbone_mismatch"] = True
+    model = load_model(source, checkpoint=checkpoint, **hub)
+    results = run_predict(model, inputs, top_k=top_k, batch_size=batch_size, device=device)
+    if csv is not None:
+        _write_csv(csv, results, top_k)
+    if as_json:
+        print_json([{k: v for k, v in r.items() if k != "logits"} for r in results])
+        return
+    print_table(
+        ["file", "label", "probability"],
+        [
+            (
+                r["file"],
+                *(
+                    ("error: " + r["error"], "")
+                    if "error" in r
+                    else (
+                        ", ".join(p["label"] for p in r["predictions"]),
+                        ", ".join(f"{p['probability']:.3f}" for p in r["predictions"]),
+                    )
+                ),
+            )
+            for r in results
+        ],
+    )
+
+
+def _write_csv(path: Path, results: list[dict[str, Any]], top_k: int) -> None:
+    import csv as csv_mod
+    import io
+
+    from tlreg.checkpoint import atomic_write_text
+
+    buf = io.StringIO()
+    writer = csv_mod.writer(buf)
+    writer.writerow(["file", "rank", "label", "probability", "error"])
+    for r in results:
+        if "error" in r:
+            writer.writerow([r["file"], "", "", "", r["error"]])
+            continue
+        for rank, p in enumerate(r["predictions"], 1):
+            writer.writerow([r["file"], rank, p["label"], f"{p['probability']:.6f}", ""])
+    atomic_write_text(path, buf.getvalue())
+
+
+@cache_app.command("ls")
+def cache_ls(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Feature-cache entries: backbone, images, size."""
+    from tlreg.cache import cache_root, list_entries
+
+    rows = list_entries()
+    if as_json:
+        print_json(rows)
+        return
+    print_table(
+        ["key", "backbone", "images", "MB"],
+        [(r["key"], r["backbone"], r["entries"], f"{r['bytes'] / 1e6:.2f}") for r in rows],
+        title=f"feature cache in {cache_root()}",
+    )
+
+
+@cache_app.command("clear")
+def cache_clear() -> None:
+    """Remove every feature-cache entry."""
+    from tlreg.cache import cache_root, clear
+
+    n = clear()
+    typer.echo(f"removed {n} cache entries from {cache_root()}")

@@ -1,0 +1,161 @@
+"""Feature cache: pooled backbone features computed once per image and reused across runs.
+
+Only valid while the backbone is frozen for the whole run, its BN layers are in eval mode and
+the transforms are deterministic (the trainer checks all three). Entries are keyed by backbone,
+weights hash, data config and transform; inside an entry each file is keyed by its path, size
+and modification time, so touching one file recomputes only that one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tlreg.checkpoint import atomic_write_json, read_checkpoint, save_checkpoint
+
+if TYPE_CHECKING:
+    import torch
+
+    from tlreg.data import Sample
+
+CACHE_ENV = "TLREG_CACHE_DIR"
+
+
+def cache_root(override: str | os.PathLike[str] | None = None) -> Path:
+    """`override`, else $TLREG_CACHE_DIR, else the user's cache dir (XDG) / tlreg."""
+    if override:
+        return Path(override).expanduser()
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "tlreg"
+
+
+def file_key(path: str) -> list[int]:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+@dataclass(frozen=True)
+class FeatureKey:
+    """What the features depend on; its digest names the cache entry."""
+
+    backbone: str
+    weights_sha256: str
+    data_config: tuple[tuple[str, str], ...]
+    transform: str
+
+    @classmethod
+    def of(cls, backbone: str, weights_sha256: str, data_config: dict[str, Any],
+           transform: Any) -> FeatureKey:
+        cfg = tuple(sorted((k, repr(v)) for k, v in data_config.items()))
+        return cls(backbone, weights_sha256, cfg, repr(transform))
+
+    def digest(self) -> str:
+        return hashlib.sha256(repr(self).encode()).hexdigest()[:24]
+
+
+class FeatureCache:
+    """One cache entry: a features tensor plus a JSON index of path -> (size, mtime, row)."""
+
+    def __init__(self, root: Path, key: FeatureKey) -> None:
+        self.key = key
+        self.dir = root / "features" / key.digest()
+        self.index: dict[str, list[int]] = {}
+        self.features: torch.Tensor | None = None
+        found = self.dir / "entry"
+        if (found / "state.json").exists() or found.with_name(".entry.old").exists():
+            try:
+                tensors, state, _ = read_checkpoint(found)
+                self.features, self.index = tensors["features"], state["index"]
+            except Exception:  # a damaged cache is recomputed, never trusted
+                self.features, self.index = None, {}
+
+    def lookup(self, paths: Sequence[str]) -> tuple[dict[int, int], list[int]]:
+        """(position -> cached row) for fresh entries, and positions that need computing."""
+        hits: dict[int, int] = {}
+        missing: list[int] = []
+        for i, path in enumerate(paths):
+            entry = self.index.get(path)
+            if entry is not None and self.features is not None and entry[:2] == file_key(path):
+                hits[i] = entry[2]
+            else:
+                missing.append(i)
+        return hits, missing
+
+    def update(self, paths: Sequence[str], features: torch.Tensor) -> None:
+        """Add or replace rows for `paths` and write the entry atomically."""
+        import torch
+
+        rows = self.features if self.features is not None else features.new_empty(
+            (0, features.shape[1]))
+        start = rows.shape[0]
+        self.features = torch.cat([rows, features.detach().cpu().float()])
+        for j, path in enumerate(paths):
+            self.index[path] = [*file_key(path), start + j]
+        self._compact()
+        save_checkpoint(self.dir / "entry", {"features": self.features}, {"index": self.index})
+        atomic_write_json(self.dir / "meta.json", {
+            "backbone": self.key.backbone, "weights_sha256": self.key.weights_sha256,
+            "data_config": dict(self.key.data_config), "entries": len(self.index),
+        })
+
+    def _compact(self) -> None:
+        """Drop rows no index entry points to (replaced files)."""
+        assert self.features is not None
+        live = sorted({e[2] for e in self.index.values()})
+        if len(live) == self.features.shape[0]:
+            return
+        remap = {old: new for new, old in enumerate(live)}
+        self.features = self.features[live]
+        self.index = {p: [e[0], e[1], remap[e[2]]] for p, e in self.index.items()}
+
+
+def cached_features(samples: Sequence[Sample], compute: Callable[[list[int]], tuple[
+        torch.Tensor, list[int]]], cache: FeatureCache | None) -> tuple[torch.Tensor, list[int]]:
+    """Features for every sample (rows follow `samples`) and the positions that failed to decode.
+
+    `compute(positions)` runs the backbone on those samples and returns their features (in
+    order, undecodable ones left out) and the failed positions. Failed files are not cached.
+    """
+    paths = [s.path for s in samples]
+    hits, missing = cache.lookup(paths) if cache is not None else ({}, list(range(len(paths))))
+    failed: list[int] = []
+    if missing:
+        new, failed = compute(missing)
+        if cache is None:  # everything was computed, in order
+            return new.float(), failed
+        bad = set(failed)
+        ok = [i for i in missing if i not in bad]
+        if ok:
+            cache.update([paths[i] for i in ok], new)
+        hits, _ = cache.lookup(paths)
+    assert cache is not None and cache.features is not None
+    return cache.features[[hits[i] for i in range(len(paths)) if i in hits]], failed
+
+
+def list_entries(root: Path | None = None) -> list[dict[str, Any]]:
+    """For `tlreg cache ls`: each entry's key, backbone, entry count and size on disk."""
+    base = cache_root(root) / "features"
+    rows = []
+    for d in sorted(base.glob("*")) if base.is_dir() else []:
+        meta_path = d / "meta.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+        rows.append({"key": d.name, "backbone": meta.get("backbone"),
+                     "entries": meta.get("entries"), "bytes": size, "path": str(d)})
+    return rows
+
+
+def clear(root: Path | None = None) -> int:
+    """Remove every cache entry; returns how many were removed."""
+    base = cache_root(root) / "features"
+    entries = list_entries(root)
+    if base.is_dir():
+        shutil.rmtree(base)
+    return len(entries)

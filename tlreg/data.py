@@ -1,0 +1,220 @@
+"""Image folders: discovery, robust decoding and transforms from timm's data config.
+
+Layout: `DATA/train/<class>/*` and `DATA/val/<class>/*`, or `DATA/<class>/*` with a seeded,
+stratified `val_split`. Every structural problem (no images, an empty class, one class, val
+classes unknown to train) is a clear error before any training starts. A file that cannot be
+decoded is skipped with one warning naming it, never a crash mid-epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tlreg.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    label: int
+
+
+@dataclass(frozen=True)
+class DataSplit:
+    """Class names (sorted folder names) and the train / val samples."""
+
+    classes: tuple[str, ...]
+    train: tuple[Sample, ...]
+    val: tuple[Sample, ...]
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                  and not p.name.startswith("."))
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def scan_folder(root: Path, classes: Sequence[str] | None = None) -> tuple[tuple[str, ...],
+                                                                           list[Sample]]:
+    """Samples of a `<class>/<image>` folder; with `classes`, labels follow that order."""
+    if not root.is_dir():
+        raise UsageError(f"data folder {root} does not exist")
+    dirs = _class_dirs(root)
+    if not dirs:
+        raise UsageError(f"{root} has no class folders (expected {root}/<class>/<image files>)")
+    names = tuple(d.name for d in dirs)
+    if classes is not None:
+        unknown = sorted(set(names) - set(classes))
+        if unknown:
+            raise UsageError(f"{root} has classes that are not in training: {', '.join(unknown)}")
+        index = {c: i for i, c in enumerate(classes)}
+    else:
+        index = {c: i for i, c in enumerate(names)}
+    samples: list[Sample] = []
+    for d in dirs:
+        files = _images(d)
+        if not files:
+            raise UsageError(f"class folder {d} has no images "
+                             f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        samples += [Sample(str(f), index[d.name]) for f in files]
+    return (tuple(classes) if classes is not None else names), samples
+
+
+def discover(data_dir: str | Path, val_split: float | None = None, seed: int = 0) -> DataSplit:
+    """Find train and val samples under `data_dir` (see the module docstring)."""
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise UsageError(f"data folder {root} does not exist")
+    train_dir, val_dir = root / "train", root / "val"
+    if train_dir.is_dir():
+        if val_split is not None:
+            raise UsageError(f"{root} already has train/ and val/; drop --val-split")
+        classes, train = scan_folder(train_dir)
+        if not val_dir.is_dir():
+            raise UsageError(f"{root} has train/ but no val/; add {val_dir} or use --val-split "
+                             f"with a single {root}/<class>/ folder")
+        _, val = scan_folder(val_dir, classes)
+    else:
+        if val_split is None:
+            raise UsageError(f"{root} has no train/ and val/ folders; put images in "
+                             f"{root}/train/<class>/ and {root}/val/<class>/, or pass "
+                             "--val-split 0.2 to split {root}/<class>/ folders")
+        classes, samples = scan_folder(root)
+        train, val = _split(samples, val_split, seed)
+    if len(classes) < 2:
+        raise UsageError(f"{root} has a single class ({classes[0]!r}); classification needs two "
+                         "or more class folders")
+    return DataSplit(classes, tuple(train), tuple(val))
+
+
+def _split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample],
+                                                                       list[Sample]]:
+    """Stratified split with a fixed seed: the same files go to val on every run."""
+    rng = random.Random(seed)
+    train: list[Sample] = []
+    val: list[Sample] = []
+    for label in sorted({s.label for s in samples}):
+        group = [s for s in samples if s.label == label]
+        rng.shuffle(group)
+        n_val = min(len(group) - 1, max(1, math.ceil(len(group) * fraction)))
+        val += group[:n_val]
+        train += group[n_val:]
+    return sorted(train, key=lambda s: s.path), sorted(val, key=lambda s: s.path)
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode any still image as RGB: grayscale, CMYK, palette and alpha (over white) included."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.seek(0)  # first frame of a GIF
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return img.convert("RGB")
+
+
+def data_config_for(model_config: dict[str, Any], img_size: int | None) -> dict[str, Any]:
+    """The backbone's data config, with `img_size` overriding the input size."""
+    cfg = dict(model_config)
+    if img_size:
+        cfg["input_size"] = (3, img_size, img_size)
+    return cfg
+
+
+def build_transform(data_config: dict[str, Any], *, train: bool) -> Callable[[Any], Any]:
+    """timm's transform for this data config: eval (deterministic) or training augmentation."""
+    from tlreg import _timm
+
+    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    return _timm.create_transform(**{k: data_config[k] for k in keys if k in data_config},
+                                  is_training=train)
+
+
+class ImageDataset:
+    """A map-style dataset of (image tensor, label, index); undecodable files yield None."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable[[Any], Any]) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int, int] | tuple[None, int, int]:
+        sample = self.samples[index]
+        try:
+            image = load_rgb(sample.path)
+            return self.transform(image), sample.label, index
+        except Exception:  # truncated, corrupt or not an image: skipped and reported
+            return None, sample.label, index
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    bad: list[int]
+
+
+def collate(items: list[tuple[Any, int, int]]) -> Batch:
+    """Stack decodable samples; report the indices of the ones that failed."""
+    import torch
+
+    good = [it for it in items if it[0] is not None]
+    bad = [it[2] for it in items if it[0] is None]
+    if not good:
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long),
+                     torch.empty(0, dtype=torch.long), bad)
+    return Batch(torch.stack([it[0] for it in good]),
+                 torch.tensor([it[1] for it in good], dtype=torch.long),
+                 torch.tensor([it[2] for it in good], dtype=torch.long), bad)
+
+
+def make_loader(samples: Sequence[Sample], transform: Callable[[Any], Any], *, batch_size: int,
+                shuffle: bool, seed: int, workers: int, pin_memory: bool = False,
+                sampler: Any = None) -> Any:
+    """A DataLoader whose order and worker seeds depend only on `seed` (resume replays it)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        ImageDataset(samples, transform), batch_size=batch_size,
+        shuffle=shuffle if sampler is None else False, sampler=sampler, num_workers=workers,
+        collate_fn=collate, generator=generator, pin_memory=pin_memory,
+        persistent_workers=False, drop_last=False,
+    )
+
+
+class SkipLog:
+    """Collects undecodable files and warns once per file."""
+
+    def __init__(self, samples: Sequence[Sample]) -> None:
+        self.samples = samples
+        self.skipped: set[str] = set()
+
+    def add(self, indices: Sequence[int]) -> None:
+        for i in indices:
+            path = self.samples[i].path
+            if path not in self.skipped:
+                self.skipped.add(path)
+                warnings.warn(f"skipped unreadable image {path}", stacklevel=2)

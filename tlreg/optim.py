@@ -1,0 +1,338 @@
+"""Layer-wise learning rates: one optimizer for the whole run, and schedulers that keep the decay.
+
+Parameter groups follow the model's **layers** (timm's fine `group_matcher` groups, in
+`TransferModel.layer_of`). The head trains at the base `lr`; backbone layer `i` at
+`lr * backbone_lr_mult * layer_decay ** (num_layers - i)`, floored at `min_lr`, so the layer just
+below the head is at depth 1. Each layer is split into a decayed group and a no-weight-decay
+group (1-D parameters: biases and norm weights; and the model's own `no_weight_decay()` names,
+e.g. a ViT's `pos_embed` and `cls_token`).
+
+Two choices matter for correctness:
+
+* Every group carries a **real** `lr` and `initial_lr`. timm's `param_groups_layer_decay` stores
+  only `lr_scale`, which plain torch schedulers ignore, so every group silently trains at the
+  same rate. The ratio is kept as `lr_mult`, deliberately *not* `lr_scale`: timm's schedulers
+  multiply any `lr_scale` they find into the (already scaled) rate and would apply the decay
+  twice.
+* All groups are built once, frozen parameters included. Freezing policies only flip
+  `requires_grad`; torch optimizers skip parameters whose `.grad` is None. Adding groups
+  mid-run breaks resume and schedulers, so the group list never changes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR, StepLR
+
+from tlreg.errors import UsageError
+from tlreg.model import TransferModel
+
+__all__ = [
+    "SCHEDULERS",
+    "build_optimizer",
+    "build_scheduler",
+    "layer_lrs",
+    "lr_plan",
+    "optimizer_names",
+]
+
+Interval = Literal["step", "epoch"]
+SCHEDULERS: tuple[str, ...] = ("step", "cosine", "onecycle", "constant")
+HEAD = "head"
+
+_NORMS: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+@dataclass(frozen=True)
+class _Group:
+    """One parameter group before it becomes a torch dict: a layer's decayed or no-wd part."""
+
+    name: str  # the layer's name: 'layer3' or 'head' (shared by its two groups)
+    layer: int  # 0..num_layers-1 for the backbone, num_layers for the head
+    stage: int | None  # backbone stage (None for the head)
+    no_decay: bool
+    param_names: tuple[str, ...]
+    params: tuple[nn.Parameter, ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+
+# -- parameter groups -----------------------------------------------------------------------
+
+
+def _no_decay_names(module: nn.Module) -> set[str]:
+    """Names (relative to `module`) that must not be weight-decayed."""
+    patterns = set()
+    if hasattr(module, "no_weight_decay"):
+        patterns = set(module.no_weight_decay())
+    names = set()
+    for mod_name, mod in module.named_modules():
+        for p_name, p in mod.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if (p.ndim <= 1 or p_name == "bias" or isinstance(mod, _NORMS)
+                    or any(fnmatch(full, pat) for pat in patterns)):
+                names.add(full)
+    return names
+
+
+def _groups(model: TransferModel) -> list[_Group]:
+    """The model's groups in a fixed order (layer 0 first, head last; decayed before no-wd).
+
+    Depends only on the architecture, never on `requires_grad`, so a rebuilt optimizer
+    always matches a saved optimizer state.
+    """
+    if not isinstance(model, TransferModel):
+        raise UsageError(f"build_optimizer needs a tlreg TransferModel, got {type(model).__name__}")
+    buckets: dict[tuple[int, int, bool], list[tuple[str, nn.Parameter]]] = {}
+    seen: set[int] = set()
+
+    def add(key: tuple[int, int, bool], name: str, p: nn.Parameter) -> None:
+        if id(p) not in seen:  # tied weights: the first owner wins
+            seen.add(id(p))
+            buckets.setdefault(key, []).append((name, p))
+
+    no_wd = _no_decay_names(model.backbone)
+    for name, p in model.backbone.named_parameters():
+        add((model.layer_of[name], model.stage_of[name], name in no_wd), f"backbone.{name}", p)
+    head_no_wd = _no_decay_names(model.head)
+    for name, p in model.head.named_parameters():
+        add((model.num_layers, -1, name in head_no_wd), f"head.{name}", p)
+    for name, p in model.named_parameters():  # anything else trains with the head
+        if id(p) not in seen:
+            add((model.num_layers, -1, p.ndim <= 1), name, p)
+
+    groups = []
+    for (layer, stage, no_decay), members in sorted(buckets.items()):
+        groups.append(_Group(
+            name=HEAD if layer == model.num_layers else f"layer{layer}",
+            layer=layer, stage=None if stage < 0 else stage, no_decay=no_decay,
+            param_names=tuple(n for n, _ in members), params=tuple(p for _, p in members),
+        ))
+    return groups
+
+
+def _check_rates(lr: float, layer_decay: float, weight_decay: float, backbone_lr_mult: float,
+                 min_lr: float) -> None:
+    if not lr > 0:
+        raise UsageError(f"lr must be > 0, got {lr}")
+    if not 0 < layer_decay <= 1:
+        raise UsageError(f"layer_decay must be in (0, 1], got {layer_decay}")
+    if not weight_decay >= 0:
+        raise UsageError(f"weight_decay must be >= 0, got {weight_decay}")
+    if not backbone_lr_mult >= 0:
+        raise UsageError(f"backbone_lr_mult must be >= 0, got {backbone_lr_mult}")
+    if not 0 <= min_lr <= lr:
+        raise UsageError(f"min_lr must be in [0, lr={lr}], got {min_lr}")
+
+
+def _layer_lr(layer: int, num_layers: int, lr: float, layer_decay: float,
+              backbone_lr_mult: float, min_lr: float) -> float:
+    depth = num_layers - layer  # head: 0, last backbone layer: 1
+    if depth == 0:
+        return lr
+    return max(lr * backbone_lr_mult * layer_decay**depth, min_lr)
+
+
+def optimizer_names() -> dict[str, type[Optimizer]]:
+    """Every optimizer class in `torch.optim`, keyed by its lower-case name."""
+    return {
+        n.lower(): c for n, c in vars(torch.optim).items()
+        if isinstance(c, type) and issubclass(c, Optimizer) and c is not Optimizer
+    }
+
+
+def _optimizer_class(name: str) -> type[Optimizer]:
+    classes = optimizer_names()
+    cls = classes.get(name.lower())
+    if cls is None:
+        raise UsageError(f"unknown optimizer {name!r}; choose one of torch.optim's: "
+                         f"{', '.join(sorted(classes))}")
+    return cls
+
+
+def build_optimizer(model: TransferModel, name: str = "adamw", lr: float = 1e-3,
+                    layer_decay: float = 1.0, weight_decay: float = 0.01,
+                    backbone_lr_mult: float = 1.0, min_lr: float = 0.0, momentum: float = 0.9,
+                    **kwargs: Any) -> Optimizer:
+    """A `torch.optim` optimizer (by name, case-insensitive) over the model's layer groups.
+
+    Build it once per run, after moving the model to its device; freezing and unfreezing
+    only flip `requires_grad`. `momentum` goes to optimizers that take one (SGD, RMSprop);
+    other keyword arguments (`nesterov=True`, `betas=...`) go to the optimizer class.
+    Each group has `params`, `lr`, `initial_lr`, `weight_decay` and the metadata `name`,
+    `layer`, `stage` and `lr_mult` (its lr divided by `lr`).
+    """
+    _check_rates(lr, layer_decay, weight_decay, backbone_lr_mult, min_lr)
+    cls = _optimizer_class(name)
+    accepted = inspect.signature(cls).parameters
+    if "momentum" in accepted and "momentum" not in kwargs:
+        kwargs["momentum"] = momentum
+    if weight_decay > 0 and "weight_decay" not in accepted:
+        raise UsageError(f"optimizer {cls.__name__} has no weight decay; use weight_decay=0")
+    param_groups = []
+    for g in _groups(model):
+        g_lr = _layer_lr(g.layer, model.num_layers, lr, layer_decay, backbone_lr_mult, min_lr)
+        param_groups.append({
+            "params": list(g.params), "lr": g_lr, "initial_lr": g_lr,
+            "weight_decay": 0.0 if g.no_decay else weight_decay,
+            "name": g.name, "layer": g.layer, "stage": g.stage, "lr_mult": g_lr / lr,
+        })
+    try:
+        return cls(param_groups, lr=lr, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"cannot build optimizer {cls.__name__} with {kwargs or 'defaults'} "
+                         f"over {len(param_groups)} layer-wise parameter groups: {exc}") from exc
+
+
+def layer_lrs(optimizer: Optimizer) -> dict[str, float]:
+    """Current lr per layer name ('layer0', ..., 'head'), e.g. for a history file."""
+    out: dict[str, float] = {}
+    for i, g in enumerate(optimizer.param_groups):
+        out.setdefault(str(g.get("name", f"group{i}")), float(g["lr"]))
+    return out
+
+
+# -- schedulers -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WarmupFactor:
+    """LambdaLR multiplier: linear warmup, then cosine down to `floor` (or constant).
+
+    One multiplier applied to every group's own `initial_lr` keeps the layer ratios exact.
+    Plain data, so `LambdaLR.state_dict()` stores it and a resumed run rebuilds it.
+    """
+
+    warmup_steps: int
+    total_steps: int
+    floor: float = 0.0  # final factor (min_lr / base lr)
+    anneal: bool = True  # False: constant after warmup
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        if not self.anneal:
+            return 1.0
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _base_lr(optimizer: Optimizer) -> float:
+    """The head's rate: `initial_lr / lr_mult` of a tlreg group, else the largest rate."""
+    for g in optimizer.param_groups:
+        if g.get("lr_mult"):
+            return g.get("initial_lr", g["lr"]) / g["lr_mult"]
+    return max(g.get("initial_lr", g["lr"]) for g in optimizer.param_groups)
+
+
+def build_scheduler(optimizer: Optimizer, name: str, *, epochs: int, steps_per_epoch: int,
+                    warmup_epochs: float = 0.0, step_size: int = 7, gamma: float = 0.1,
+                    min_lr: float = 0.0) -> tuple[LRScheduler, Interval]:
+    """A torch scheduler that keeps every group's own rate, and when to call its `.step()`.
+
+    - `step`: `StepLR(step_size, gamma)`, per **epoch** (the classic tutorial schedule).
+    - `cosine`: linear warmup over `warmup_epochs`, then cosine to `min_lr` (the head's
+      final rate; every group ends at the same fraction of its own rate), per optimizer step.
+    - `onecycle`: `OneCycleLR` with each group's rate as its `max_lr`, per optimizer step;
+      `warmup_epochs` sets the rising phase (default 30%), `min_lr` the head's final rate.
+    - `constant`: the groups' rates (after an optional linear warmup, per step).
+
+    Call it once per optimizer, before loading a saved optimizer or scheduler state
+    (OneCycleLR rewrites the groups' `initial_lr`).
+    """
+    key = name.lower()
+    if key not in SCHEDULERS:
+        raise UsageError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
+    if epochs < 1 or steps_per_epoch < 1:
+        raise UsageError(f"epochs and steps_per_epoch must be >= 1, got {epochs} and "
+                         f"{steps_per_epoch}")
+    if warmup_epochs < 0:
+        raise UsageError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+    total = epochs * steps_per_epoch
+    warmup = round(warmup_epochs * steps_per_epoch)
+    base = _base_lr(optimizer)
+    if not 0 <= min_lr <= base:
+        raise UsageError(f"min_lr must be in [0, lr={base}], got {min_lr}")
+
+    if key == "step":
+        if warmup_epochs:
+            raise UsageError("warmup_epochs works with the cosine, onecycle and constant "
+                             "schedulers, not step")
+        if step_size < 1 or not gamma > 0:
+            raise UsageError(f"step scheduler needs step_size >= 1 and gamma > 0, got "
+                             f"{step_size} and {gamma}")
+        return StepLR(optimizer, step_size=step_size, gamma=gamma), "epoch"
+    if key in ("cosine", "constant") and warmup >= total and warmup:
+        raise UsageError(f"warmup ({warmup_epochs} epochs) must be shorter than the run "
+                         f"({epochs} epochs)")
+    if key == "cosine":
+        factor = WarmupFactor(warmup, total, floor=min_lr / base)
+        return LambdaLR(optimizer, factor), "step"
+    if key == "constant":
+        return LambdaLR(optimizer, WarmupFactor(warmup, total, anneal=False)), (
+            "step" if warmup else "epoch")
+    # onecycle
+    pct_start = warmup_epochs / epochs if warmup_epochs else 0.3
+    if not 0 < pct_start < 1:
+        raise UsageError(f"onecycle: warmup_epochs must be less than epochs ({epochs}), "
+                         f"got {warmup_epochs}")
+    div_factor = 25.0
+    final_div = base / (min_lr * div_factor) if min_lr > 0 else 1e4
+    defaults = optimizer.defaults
+    cycle_momentum = "betas" in defaults or defaults.get("momentum", 0) > 0
+    max_lr = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
+    return OneCycleLR(optimizer, max_lr=max_lr, total_steps=total, pct_start=pct_start,
+                      div_factor=div_factor, final_div_factor=final_div,
+                      cycle_momentum=cycle_momentum), "step"
+
+
+# -- the lr-plan table ----------------------------------------------------------------------
+
+
+def lr_plan(model: TransferModel, lr: float = 1e-3, layer_decay: float = 1.0,
+            weight_decay: float = 0.01, backbone_lr_mult: float = 1.0,
+            min_lr: float = 0.0) -> list[dict[str, Any]]:
+    """One row per layer (first backbone layer to head), as `build_optimizer` would make them.
+
+    Each row: `layer`, `index`, `stage`, `modules`, `params`, `decay_params` (trained with
+    `weight_decay`), `no_decay_params` (weight decay 0), `lr`, `lr_mult`, `weight_decay`.
+    """
+    _check_rates(lr, layer_decay, weight_decay, backbone_lr_mult, min_lr)
+    members = model.layer_members()
+    rows: dict[int, dict[str, Any]] = {}
+    for g in _groups(model):
+        row = rows.get(g.layer)
+        if row is None:
+            g_lr = _layer_lr(g.layer, model.num_layers, lr, layer_decay, backbone_lr_mult,
+                             min_lr)
+            row = rows[g.layer] = {
+                "layer": g.name, "index": g.layer, "stage": [],
+                "modules": members.get(g.layer, [HEAD]), "params": 0, "decay_params": 0,
+                "no_decay_params": 0, "lr": g_lr, "lr_mult": g_lr / lr,
+                "weight_decay": weight_decay,
+            }
+        stage = HEAD if g.stage is None else model.stage_names[g.stage]
+        if stage not in row["stage"]:
+            row["stage"].append(stage)
+        row["params"] += g.numel
+        row["no_decay_params" if g.no_decay else "decay_params"] += g.numel
+    out = []
+    for _, row in sorted(rows.items()):
+        row["stage"] = "+".join(row["stage"])
+        out.append(row)
+    return out
+

@@ -1,0 +1,602 @@
+"""The training engine: feature extraction, fine-tuning and scheduled unfreezing.
+
+`fit(config)` is the whole job; the CLI's `tlreg train` only builds the config. When the
+backbone stays frozen for the whole run and the transforms are deterministic, pooled features
+are computed once (and cached on disk) and only the head trains on them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tlreg.checkpoint import (
+    atomic_write_json,
+    atomic_write_text,
+    read_checkpoint,
+    save_checkpoint,
+    write_model_json,
+)
+from tlreg.config import TrainConfig
+from tlreg.errors import TlregError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from tlreg.data import DataSplit, Sample
+    from tlreg.model import TransferModel
+
+
+class Interrupted(TlregError):
+    """Ctrl-C: the last completed epoch is saved and the run can be resumed."""
+
+    exit_code = 130
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict[str, Any]
+    history: list[dict[str, Any]]
+    model: TransferModel = field(repr=False)
+
+
+Callback = Callable[["Trainer", int], None]
+
+
+def fit(config: TrainConfig | None = None, *, resume: str | Path | None = None,
+        callbacks: Sequence[Callback] = (), **options: Any) -> RunResult:
+    """Train a TransferModel; `resume=RUN_DIR` continues an interrupted run exactly.
+
+    Options are TrainConfig fields: `fit(data="imgs", out="runs/a", backbone="resnet18")`.
+    Each callback is called as `callback(trainer, epoch)` after every epoch is saved.
+    """
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise UsageError(f"cannot resume: {run_dir} is not a tlreg run (no config.yaml)")
+        config = TrainConfig.from_yaml(run_dir / "config.yaml", **options)
+        return Trainer(config, resume=True, callbacks=callbacks).run()
+    if config is None:
+        config = TrainConfig(**options)
+    elif options:
+        config = config.replace(**options)
+    return Trainer(config, callbacks=callbacks).run()
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    # Each epoch's randomness depends only on (seed, epoch): a resumed run replays it exactly.
+    return (seed * 1_000_003 + epoch * 7919 + 17) % 2**63
+
+
+def resolve_device(name: str) -> torch.device:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but CUDA is not available here")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """None for fp32. `auto` is bf16 on CUDA that supports it, fp32 on CPU (slower there)."""
+    import torch
+
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    if precision == "fp16" and device.type != "cuda":
+        raise UsageError("fp16 autocast needs CUDA; use --precision bf16 or fp32 on the CPU")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+class Trainer:
+    """One run: resolve the config, build data and model, train, evaluate, save."""
+
+    def __init__(self, config: TrainConfig, resume: bool = False,
+                 callbacks: Sequence[Callback] = ()) -> None:
+        self.config = config
+        self.resume = resume
+        self.callbacks = list(callbacks)
+        self.run_dir = Path(config.out)
+        self.history: list[dict[str, Any]] = []
+        self.skipped: set[str] = set()
+        self.best_acc = -1.0
+        self.start_epoch = 0
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def _check_out_dir(self) -> None:
+        if self.resume:
+            return
+        if self.run_dir.exists() and (not self.run_dir.is_dir() or any(self.run_dir.iterdir())):
+            raise UsageError(f"output folder {self.run_dir} already exists and is not empty; "
+                             f"choose another --out, or continue it with --resume {self.run_dir}")
+
+    def _resolve(self, data: DataSplit) -> None:
+        from tlreg.model import build_from_info, create_model
+        from tlreg.registry import get_backbone
+
+        cfg = self.config
+        spec = get_backbone(cfg.backbone)
+        cfg = cfg.replace(head=cfg.head or spec.head, policy=cfg.policy or spec.policy,
+                          lr=cfg.lr or spec.lr, layer_decay=cfg.layer_decay or spec.layer_decay)
+        if self.resume:
+            from tlreg.checkpoint import info_from_dict
+
+            meta = json.loads((self.run_dir / "model.json").read_text())
+            self.model = build_from_info(info_from_dict(meta["info"]), pretrained=False)
+            self.pretrained_sha256 = meta.get("pretrained_sha256")
+        else:
+            self.model = create_model(
+                cfg.backbone, len(data.classes), head=cfg.head, head_args=cfg.head_args,
+                policy=cfg.policy, policy_args=cfg.policy_args, pretrained=cfg.pretrained,
+                weights=cfg.weights, label_names=data.classes)
+            self.pretrained_sha256 = None
+        model = self.model
+        plans = [model.policy.plan(model.num_stages, e) for e in range(cfg.epochs)]
+        frozen_run = all(p.backbone_frozen for p in plans)
+        augment = cfg.augment if cfg.augment is not None else not frozen_run
+        if augment and frozen_run and cfg.cache:
+            _say(cfg, "note: --augment makes the transforms random, so feature caching is off")
+        if cfg.solver == "lbfgs" and not (frozen_run and not augment):
+            raise UsageError("--solver lbfgs fits a linear head on cached features; it needs a "
+                             "frozen backbone (policy feature-extract) and no --augment")
+        if cfg.solver == "lbfgs" and cfg.head != "linear":
+            raise UsageError(f"--solver lbfgs fits a linear head, not {cfg.head!r}")
+        self.config = cfg.replace(augment=augment)
+        self.use_features = frozen_run and not augment
+        self.data_config = _data_config(model, cfg.img_size)
+        if cfg.img_size and not self.resume:
+            from dataclasses import replace
+
+            model.info = replace(model.info, data_config=self.data_config)
+
+    def run(self) -> RunResult:
+        import torch
+
+        from tlreg.data import discover
+
+        cfg = self.config
+        self._check_out_dir()
+        data = discover(cfg.data, cfg.val_split, cfg.seed)
+        seed_everything(cfg.seed)
+        self._resolve(data)
+        cfg = self.config
+        self.device = resolve_device(cfg.device)
+        self.amp_dtype = autocast_dtype(cfg.precision, self.device)
+        model = self.model.to(self.device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        from tlreg.optim import build_optimizer, build_scheduler
+
+        self.optimizer = build_optimizer(
+            model, cfg.optimizer, lr=cfg.lr, layer_decay=cfg.layer_decay,
+            weight_decay=cfg.weight_decay, backbone_lr_mult=cfg.backbone_lr_mult,
+            min_lr=cfg.min_lr, momentum=cfg.momentum)
+        steps = max(1, math.ceil(len(data.train) / cfg.batch_size))
+        self.scheduler, self.interval = build_scheduler(
+            self.optimizer, cfg.scheduler, epochs=cfg.epochs, steps_per_epoch=steps,
+            warmup_epochs=cfg.warmup_epochs, step_size=cfg.step_size, gamma=cfg.gamma,
+            min_lr=cfg.min_lr)
+        if self.resume:
+            self._load_last()
+        else:
+            self._start_run_dir(data)
+        self.data = data
+        started = time.perf_counter()
+        status = "completed"
+        try:
+            if self.use_features:
+                self._fit_features(data)
+            else:
+                self._fit_images(data)
+        except KeyboardInterrupt:
+            status = "interrupted"
+        wall = time.perf_counter() - started + self._previous_wall
+        summary = self._finish(data, wall, status)
+        if status == "interrupted":
+            raise Interrupted(f"interrupted; epochs 1-{len(self.history)} are saved. Continue "
+                              f"with: tlreg train --resume {self.run_dir}")
+        return RunResult(self.run_dir, summary, self.history, model)
+
+    def _start_run_dir(self, data: DataSplit) -> None:
+        import timm
+        import torch
+
+        from tlreg import __version__
+        from tlreg.backbones import weights_sha256
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._previous_wall = 0.0
+        atomic_write_text(self.run_dir / "config.yaml", self.config.to_yaml())
+        if self.config.pretrained:
+            self.pretrained_sha256 = weights_sha256(self.model.backbone.state_dict())
+        write_model_json(self.run_dir, self.model, {"pretrained_sha256": self.pretrained_sha256})
+        atomic_write_json(self.run_dir / "run.json", {
+            "tlreg": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "python": sys.version.split()[0], "command": sys.argv, "seed": self.config.seed,
+            "device": str(self.device), "threads": torch.get_num_threads(),
+            "workers": self.config.workers, "train_images": len(data.train),
+            "val_images": len(data.val), "classes": list(data.classes),
+            "feature_cache": self.use_features,
+        })
+
+    # -- training on cached features --------------------------------------------------------
+
+    def _features(self, samples: list[Sample], cache: Any) -> tuple[torch.Tensor,
+                                                                   torch.Tensor]:
+        """Features and labels of the decodable samples (cache hits cost no forward pass)."""
+        import torch
+
+        from tlreg.cache import cached_features
+        from tlreg.data import build_transform, make_loader
+
+        transform = build_transform(self.data_config, train=False)
+        model, cfg = self.model, self.config
+
+        def compute(positions: list[int]) -> tuple[torch.Tensor, list[int]]:
+            subset = [samples[i] for i in positions]
+            loader = make_loader(subset, transform, batch_size=cfg.batch_size, shuffle=False,
+                                 seed=cfg.seed, workers=cfg.workers,
+                                 pin_memory=self.device.type == "cuda")
+            out, failed = [], []
+            model.eval()
+            with torch.inference_mode(), self._autocast():
+                for batch in loader:
+                    failed += [positions[i] for i in batch.bad]
+                    if len(batch.labels):
+                        out.append(model.forward_features(self._to_device(batch.images)).float())
+            feats = torch.cat(out) if out else torch.empty(0, model.feature_dim)
+            return feats.cpu(), failed
+
+        feats, failed = cached_features(samples, compute, cache)
+        self._note_skipped([samples[i].path for i in failed])
+        bad = set(failed)
+        labels = torch.tensor([s.label for i, s in enumerate(samples) if i not in bad])
+        return feats.to(self.device), labels.to(self.device)
+
+    def _fit_features(self, data: DataSplit) -> None:
+        import torch
+
+        from tlreg.cache import FeatureCache, FeatureKey, cache_root
+        from tlreg.data import build_transform
+
+        cfg = self.config
+        cache = None
+        if cfg.cache:
+            from tlreg.backbones import weights_sha256
+
+            sha = weights_sha256(self.model.backbone.state_dict())
+            key = FeatureKey.of(cfg.backbone, sha, self.data_config,
+                                build_transform(self.data_config, train=False))
+            cache = FeatureCache(cache_root(cfg.cache_dir), key)
+        t0 = time.perf_counter()
+        x_train, y_train = self._features(list(data.train), cache)
+        x_val, y_val = self._features(list(data.val), cache)
+        self.feature_seconds = time.perf_counter() - t0
+        _say(cfg, f"features: {len(x_train)} train + {len(x_val)} val images "
+                  f"in {self.feature_seconds:.1f}s")
+        head = self.model.head
+        loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        for epoch in range(self.start_epoch, cfg.epochs):
+            t = time.perf_counter()
+            self.model.apply_policy(epoch)
+            torch.manual_seed(_epoch_seed(cfg.seed, epoch))
+            head.train()
+            if cfg.solver == "lbfgs":
+                train_loss, train_acc = self._lbfgs_epoch(x_train, y_train)
+            else:
+                gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch))
+                order = torch.randperm(len(x_train), generator=gen).to(self.device)
+                loss_sum = torch.zeros((), device=self.device)
+                correct = torch.zeros((), device=self.device, dtype=torch.long)
+                for i in range(0, len(order), cfg.batch_size):
+                    idx = order[i:i + cfg.batch_size]
+                    logits = head(x_train[idx])
+                    loss = loss_fn(logits, y_train[idx])
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.optimizer.step()
+                    if self.interval == "step":
+                        self.scheduler.step()
+                    loss_sum += loss.detach() * len(idx)
+                    correct += (logits.argmax(1) == y_train[idx]).sum()
+                train_loss = loss_sum.item() / max(1, len(order))
+                train_acc = correct.item() / max(1, len(order))
+            if self.interval == "epoch" and cfg.solver != "lbfgs":
+                self.scheduler.step()
+            head.eval()
+            with torch.inference_mode():
+                logits = head(x_val)
+                val_loss = loss_fn(logits, y_val).item()
+                preds = logits.argmax(1).tolist()
+            self._end_epoch(epoch, train_loss, train_acc, val_loss, y_val.tolist(), preds,
+                            len(x_train), time.perf_counter() - t)
+
+    def _lbfgs_epoch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        """One L-BFGS solve step (20 iterations) of L2-regularised logistic regression."""
+        import torch
+        import torch.nn.functional as F
+
+        head, cfg = self.model.head, self.config
+        params = [p for p in head.parameters()]
+        if not hasattr(self, "_lbfgs"):
+            self._lbfgs = torch.optim.LBFGS(params, lr=1.0, max_iter=20, history_size=20,
+                                            line_search_fn="strong_wolfe")
+        weight = next(p for p in params if p.dim() == 2)
+
+        def closure() -> torch.Tensor:
+            self._lbfgs.zero_grad()
+            loss = F.cross_entropy(head(x), y, label_smoothing=cfg.label_smoothing)
+            loss = loss + 0.5 * cfg.weight_decay * weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        self._lbfgs.step(closure)
+        with torch.no_grad():
+            logits = head(x)
+            return (F.cross_entropy(logits, y).item(),
+                    (logits.argmax(1) == y).float().mean().item())
+
+    # -- training on images -----------------------------------------------------------------
+
+    def _autocast(self) -> Any:
+        import contextlib
+
+        import torch
+
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        images = images.to(self.device, non_blocking=True)
+        if self.config.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def _fit_images(self, data: DataSplit) -> None:
+        import torch
+
+        from tlreg.data import build_transform, make_loader
+        from tlreg.progress import Progress
+
+        cfg, model = self.config, self.model
+        train_tf = build_transform(self.data_config, train=cfg.augment)
+        val_tf = build_transform(self.data_config, train=False)
+        loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        scaler = torch.amp.GradScaler(enabled=self.amp_dtype == torch.float16)
+        forward = torch.compile(model) if cfg.compile else model
+        pin = self.device.type == "cuda"
+        with Progress(quiet=cfg.quiet) as progress:
+            for epoch in range(self.start_epoch, cfg.epochs):
+                t = time.perf_counter()
+                model.apply_policy(epoch)
+                seed = _epoch_seed(cfg.seed, epoch)
+                torch.manual_seed(seed)
+                random.seed(seed)
+                loader = make_loader(data.train, train_tf, batch_size=cfg.batch_size,
+                                     shuffle=True, seed=seed, workers=cfg.workers,
+                                     pin_memory=pin)
+                model.train()
+                loss_sum = torch.zeros((), device=self.device)
+                correct = torch.zeros((), device=self.device, dtype=torch.long)
+                seen = 0
+                task = progress.start(f"epoch {epoch + 1}/{cfg.epochs}", len(loader))
+                for batch in loader:
+                    self._note_skipped([data.train[i].path for i in batch.bad])
+                    n = len(batch.labels)
+                    if n == 0:
+                        progress.advance(task, 0, None)
+                        continue
+                    x = self._to_device(batch.images)
+                    y = batch.labels.to(self.device, non_blocking=True)
+                    with self._autocast():
+                        logits = forward(x)
+                        loss = loss_fn(logits, y)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(self.optimizer)
+                    scaler.update()
+                    if self.interval == "step":
+                        self.scheduler.step()
+                    loss_sum += loss.detach() * n
+                    correct += (logits.detach().argmax(1) == y).sum()
+                    seen += n
+                    # The loss is read (a device sync) only when the bar refreshes.
+                    progress.advance(task, n, lambda s=loss_sum, k=seen: s.item() / k)
+                progress.finish(task)
+                if self.interval == "epoch":
+                    self.scheduler.step()
+                val_loss, labels, preds = self._evaluate_images(data.val, val_tf, loss_fn)
+                self._end_epoch(epoch, loss_sum.item() / max(1, seen),
+                                correct.item() / max(1, seen), val_loss, labels, preds, seen,
+                                time.perf_counter() - t)
+
+    def _evaluate_images(self, samples: tuple[Sample, ...], transform: Any,
+                         loss_fn: Any) -> tuple[float, list[int], list[int]]:
+        import torch
+
+        from tlreg.data import make_loader
+
+        cfg = self.config
+        loader = make_loader(samples, transform, batch_size=cfg.batch_size, shuffle=False,
+                             seed=cfg.seed, workers=cfg.workers,
+                             pin_memory=self.device.type == "cuda")
+        self.model.eval()
+        labels: list[torch.Tensor] = []
+        preds: list[torch.Tensor] = []
+        loss_sum = torch.zeros((), device=self.device)
+        with torch.inference_mode(), self._autocast():
+            for batch in loader:
+                self._note_skipped([samples[i].path for i in batch.bad])
+                if not len(batch.labels):
+                    continue
+                y = batch.labels.to(self.device)
+                logits = self.model(self._to_device(batch.images)).float()
+                loss_sum += loss_fn(logits, y) * len(y)
+                labels.append(y)
+                preds.append(logits.argmax(1))
+        n = sum(len(y) for y in labels)
+        return (loss_sum.item() / max(1, n), torch.cat(labels).tolist() if labels else [],
+                torch.cat(preds).tolist() if preds else [])
+
+    # -- bookkeeping ------------------------------------------------------------------------
+
+    def _note_skipped(self, paths: list[str]) -> None:
+        import warnings
+
+        for path in paths:
+            if path not in self.skipped:
+                self.skipped.add(path)
+                warnings.warn(f"skipped unreadable image {path}", stacklevel=2)
+
+    def _end_epoch(self, epoch: int, train_loss: float, train_acc: float, val_loss: float,
+                   labels: list[int], preds: list[int], images: int, seconds: float) -> None:
+        from tlreg.metrics import classification_report
+
+        report = classification_report(labels, preds, self.data.classes)
+        row = {
+            "epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
+            "val_loss": val_loss, "val_accuracy": report["accuracy"],
+            "lr": [g["lr"] for g in self.optimizer.param_groups],
+            "trainable_params": self.model.num_trainable(), "seconds": seconds,
+            "images_per_second": images / seconds if seconds > 0 else None,
+        }
+        self.history.append(row)
+        is_best = report["accuracy"] > self.best_acc
+        if is_best:
+            self.best_acc = report["accuracy"]
+            save_checkpoint(self.run_dir / "checkpoints" / "best", self.model.state_dict(),
+                            {"epoch": epoch + 1, "val_accuracy": report["accuracy"],
+                             "report": report})
+        self._save_last(epoch)
+        atomic_write_json(self.run_dir / "history.json", self.history)
+        _say(self.config, f"epoch {epoch + 1}/{self.config.epochs}  loss {train_loss:.4f}  "
+                          f"train acc {train_acc:.3f}  val loss {val_loss:.4f}  "
+                          f"val acc {report['accuracy']:.3f}  ({seconds:.1f}s)")
+        for callback in self.callbacks:
+            callback(self, epoch)
+
+    def _save_last(self, epoch: int) -> None:
+        import numpy as np
+        import torch
+
+        opt = self.optimizer.state_dict()
+        tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        opt_state: dict[str, dict[str, Any]] = {}
+        for pid, st in opt["state"].items():
+            opt_state[str(pid)] = {}
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"optim.{pid}.{k}"] = v
+                else:
+                    opt_state[str(pid)][k] = v
+        np_state = np.random.get_state()
+        state = {
+            "epoch": epoch + 1, "best_val_accuracy": self.best_acc, "history": self.history,
+            "skipped": sorted(self.skipped), "optimizer": {"param_groups": opt["param_groups"],
+                                                           "state": opt_state},
+            "scheduler": self.scheduler.state_dict(),
+            "rng": {"python": random.getstate(),
+                    "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
+            "wall_seconds": sum(h["seconds"] for h in self.history),
+        }
+        save_checkpoint(self.run_dir / "checkpoints" / "last", self.model.state_dict(), state,
+                        train_state=tensors)
+
+    def _load_last(self) -> None:
+        import numpy as np
+        import torch
+
+        last = self.run_dir / "checkpoints" / "last"
+        try:
+            model_state, state, tensors = read_checkpoint(last)
+        except UsageError:
+            raise UsageError(f"cannot resume {self.run_dir}: no completed epoch was saved; "
+                             "start it again") from None
+        self.model.load_state_dict(model_state, strict=True)
+        tensors = tensors or {}
+        opt_state: dict[int, dict[str, Any]] = {
+            int(pid): dict(st) for pid, st in state["optimizer"]["state"].items()}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, pid, name = key.split(".", 2)
+                opt_state.setdefault(int(pid), {})[name] = value.to(self.device)
+        self.optimizer.load_state_dict({"state": opt_state,
+                                        "param_groups": state["optimizer"]["param_groups"]})
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
+        py = state["rng"]["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        npst = state["rng"]["numpy"]
+        np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
+        self.start_epoch = state["epoch"]
+        self.history = state["history"]
+        self.best_acc = state["best_val_accuracy"]
+        self.skipped = set(state["skipped"])
+        self._previous_wall = state.get("wall_seconds", 0.0)
+        if self.start_epoch >= self.config.epochs:
+            _say(self.config, f"{self.run_dir} already finished {self.start_epoch} epochs")
+
+    def _finish(self, data: DataSplit, wall: float, status: str) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        summary = {
+            "status": status,
+            "val_accuracy": last.get("val_accuracy"),
+            "best_val_accuracy": self.best_acc if self.history else None,
+            "best_epoch": (max(range(len(self.history)),
+                               key=lambda i: self.history[i]["val_accuracy"]) + 1
+                           if self.history else None),
+            "epochs": len(self.history),
+            "train_images": len(data.train), "val_images": len(data.val),
+            "skipped_files": len(self.skipped), "skipped": sorted(self.skipped),
+            "feature_cache": self.use_features,
+            "feature_seconds": getattr(self, "feature_seconds", None),
+            "wall_seconds": wall,
+        }
+        atomic_write_json(self.run_dir / "summary.json", summary)
+        if self.history:
+            from tlreg.plots import plot_history
+
+            plot_history(self.history, self.run_dir / "training.png")
+        return summary
+
+
+def _data_config(model: TransferModel, img_size: int | None) -> dict[str, Any]:
+    from tlreg.data import data_config_for
+
+    return data_config_for(model.data_config, img_size)
+
+
+def _say(config: TrainConfig, message: str) -> None:
+    if not config.quiet:
+        print(message, file=sys.stderr if os.environ.get("TLREG_LOG_STDERR") else sys.stdout,
+              flush=True)
