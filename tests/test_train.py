@@ -82,7 +82,9 @@ def test_run_directory_contents(colours: Path, tmp_path: Path) -> None:
     assert {"val_accuracy", "best_val_accuracy", "wall_seconds"} <= set(summary)
     history = json.loads((run / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
-    assert all(h["lr"] == history[0]["lr"] for h in history[:1])
+    # LR per layer group: the head at the base rate, cosine-annealed between epochs.
+    assert history[0]["lr"]["head"] < 1e-3 and history[1]["lr"]["head"] < history[0]["lr"]["head"]
+    assert set(history[0]["lr"]) == {"head", "layer0", "layer1", "layer2", "layer3", "layer4"}
     # The resolved config repeats the run.
     again = TrainConfig.from_yaml(run / "config.yaml", out=str(tmp_path / "again"))
     assert again.head == "linear" and again.policy == "feature-extract" and again.lr == 1e-3
@@ -263,7 +265,7 @@ def test_bad_options_and_config(tmp_path: Path, colours: Path) -> None:
     good = tmp_path / "good.yaml"
     good.write_text(f"data: {colours}\nout: {tmp_path / 'from-yaml'}\nbackbone: timm:test_resnet\n"
                     "pretrained: false\nepochs: 1\nimg_size: 32\nworkers: 0\nquiet: true\n")
-    code, out, err = _cli(["train", "--config", str(good), "--epochs", "2"])
+    code, _, err = _cli(["train", "--config", str(good), "--epochs", "2"])
     assert code == 0, err
     assert json.loads((tmp_path / "from-yaml" / "summary.json").read_text())["epochs"] == 2
 

@@ -477,12 +477,13 @@ class Trainer:
     def _end_epoch(self, epoch: int, train_loss: float, train_acc: float, val_loss: float,
                    labels: list[int], preds: list[int], images: int, seconds: float) -> None:
         from tlreg.metrics import classification_report
+        from tlreg.optim import layer_lrs
 
         report = classification_report(labels, preds, self.data.classes)
         row = {
             "epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
             "val_loss": val_loss, "val_accuracy": report["accuracy"],
-            "lr": [g["lr"] for g in self.optimizer.param_groups],
+            "lr": layer_lrs(self.optimizer),
             "trainable_params": self.model.num_trainable(), "seconds": seconds,
             "images_per_second": images / seconds if seconds > 0 else None,
         }
