@@ -14,7 +14,6 @@ from typing import Any
 
 from tlreg.errors import UsageError
 
-OPTIMIZERS = ("adamw", "sgd", "adam", "rmsprop")
 SCHEDULERS = ("cosine", "step", "onecycle", "constant")
 SOLVERS = ("sgd", "lbfgs")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -35,7 +34,7 @@ class TrainConfig:
     weights: str | None = None
     epochs: int = 10
     batch_size: int = 32
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"  # any torch.optim class, by name (checked when built)
     lr: float | None = None
     layer_decay: float | None = None
     backbone_lr_mult: float = 1.0
@@ -62,7 +61,6 @@ class TrainConfig:
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("scheduler", self.scheduler, SCHEDULERS)
         _choice("solver", self.solver, SOLVERS)
         _choice("precision", self.precision, PRECISIONS)

@@ -321,7 +321,8 @@ def lr_plan(model: TransferModel, lr: float = 1e-3, layer_decay: float = 1.0,
                              min_lr)
             row = rows[g.layer] = {
                 "layer": g.name, "index": g.layer, "stage": [],
-                "modules": members.get(g.layer, [HEAD]), "params": 0, "decay_params": 0,
+                "modules": _modules(model, members.get(g.layer, [HEAD])),
+                "params": 0, "decay_params": 0,
                 "no_decay_params": 0, "lr": g_lr, "lr_mult": g_lr / lr,
                 "weight_decay": weight_decay,
             }
@@ -336,3 +337,11 @@ def lr_plan(model: TransferModel, lr: float = 1e-3, layer_decay: float = 1.0,
         out.append(row)
     return out
 
+
+def _modules(model: TransferModel, members: list[str]) -> list[str]:
+    """Module names for display; a backbone's own `head` (ConvNeXt's `head.norm`) is spelled out
+    so it is not taken for tlreg's new head."""
+    if members == [HEAD] or HEAD not in members:
+        return members
+    own_head = {n.rsplit(".", 1)[0] for n in model.layer_of if n.startswith(HEAD + ".")}
+    return sorted({*(m for m in members if m != HEAD), *own_head})
