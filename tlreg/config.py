@@ -52,6 +52,8 @@ class TrainConfig:
     augment: bool | None = None
     cache: bool = True
     cache_dir: str | None = None
+    decoded_cache: str = "off"
+    decoded_cache_gb: float = 4.0
     device: str = "auto"
     precision: str = "auto"
     channels_last: bool = True
@@ -64,6 +66,7 @@ class TrainConfig:
         _choice("scheduler", self.scheduler, SCHEDULERS)
         _choice("solver", self.solver, SOLVERS)
         _choice("precision", self.precision, PRECISIONS)
+        _choice("decoded_cache", self.decoded_cache, ("off", "memory", "disk"))
         if self.epochs < 1:
             raise UsageError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:

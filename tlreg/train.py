@@ -13,7 +13,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,6 +123,7 @@ class Trainer:
         self.skipped: set[str] = set()
         self.best_acc = -1.0
         self.start_epoch = 0
+        self.decoded_train = self.decoded_val = None
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -378,19 +379,87 @@ class Trainer:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
 
+    def _decode(self, data: DataSplit) -> None:
+        """Fill the decoded-image caches (`--decoded-cache`), or leave them None."""
+        from tlreg.decoded import BatchAugment, BatchEval, decode_all
+
+        cfg = self.config
+        self.decoded_train = self.decoded_val = None
+        if cfg.decoded_cache == "off":
+            return
+        budget = int(cfg.decoded_cache_gb * 2**30)
+        t0 = time.perf_counter()
+        train = decode_all(data.train, self.data_config, mode=cfg.decoded_cache,
+                           workers=cfg.workers, max_bytes=budget, cache_dir=cfg.cache_dir)
+        val = None
+        if train is not None:
+            val = decode_all(data.val, self.data_config, mode=cfg.decoded_cache,
+                             workers=cfg.workers, max_bytes=budget, cache_dir=cfg.cache_dir)
+        if train is None or val is None:
+            return
+        self.decoded_train, self.decoded_val = train, val
+        self._note_skipped([data.train[i].path for i in train.failed]
+                           + [data.val[i].path for i in val.failed])
+        self.train_batch_tf = BatchAugment(self.data_config) if cfg.augment else BatchEval(
+            self.data_config)
+        self.eval_batch_tf = BatchEval(self.data_config)
+        _say(cfg, f"decoded {len(data.train) + len(data.val)} images once "
+                  f"in {time.perf_counter() - t0:.1f}s ({cfg.decoded_cache})")
+
+    def _batches(self, samples: tuple[Sample, ...], *, train: bool,
+                 seed: int) -> tuple[int, Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+        """(number of batches, iterator of CPU (images, labels)) for one pass over `samples`.
+
+        From the decoded cache when there is one (batched tensor transforms), else from a
+        DataLoader over the files. Either way the order and augmentation depend only on seed.
+        """
+        import torch
+
+        from tlreg.data import make_loader
+
+        cfg = self.config
+        decoded = self.decoded_train if train else self.decoded_val
+        if decoded is not None:
+            if train:
+                gen = torch.Generator().manual_seed(seed)
+                order = torch.randperm(len(samples), generator=gen).tolist()
+            else:
+                order = list(range(len(samples)))
+            order = [i for i in order if decoded.images[i] is not None]
+            transform = self.train_batch_tf if train else self.eval_batch_tf
+            labels = torch.tensor([s.label for s in samples])
+
+            def from_cache() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                for i in range(0, len(order), cfg.batch_size):
+                    idx = order[i:i + cfg.batch_size]
+                    yield transform([decoded.images[j] for j in idx], idx, seed), labels[idx]
+
+            return math.ceil(len(order) / cfg.batch_size), from_cache()
+        tf = self.train_tf if train else self.val_tf
+        loader = make_loader(samples, tf, batch_size=cfg.batch_size, shuffle=train, seed=seed,
+                             workers=cfg.workers, pin_memory=self.device.type == "cuda")
+
+        def from_files() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for batch in loader:
+                self._note_skipped([samples[i].path for i in batch.bad])
+                if len(batch.labels):
+                    yield batch.images, batch.labels
+
+        return len(loader), from_files()
+
     def _fit_images(self, data: DataSplit) -> None:
         import torch
 
-        from tlreg.data import build_transform, make_loader
+        from tlreg.data import build_transform
         from tlreg.progress import Progress
 
         cfg, model = self.config, self.model
-        train_tf = build_transform(self.data_config, train=cfg.augment)
-        val_tf = build_transform(self.data_config, train=False)
+        self.train_tf = build_transform(self.data_config, train=cfg.augment)
+        self.val_tf = build_transform(self.data_config, train=False)
+        self._decode(data)
         loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         scaler = torch.amp.GradScaler(enabled=self.amp_dtype == torch.float16)
-        forward = torch.compile(model) if cfg.compile else model
-        pin = self.device.type == "cuda"
+        forward = self._compiled() if cfg.compile else model
         with Progress(quiet=cfg.quiet) as progress:
             for epoch in range(self.start_epoch, cfg.epochs):
                 t = time.perf_counter()
@@ -398,22 +467,15 @@ class Trainer:
                 seed = _epoch_seed(cfg.seed, epoch)
                 torch.manual_seed(seed)
                 random.seed(seed)
-                loader = make_loader(data.train, train_tf, batch_size=cfg.batch_size,
-                                     shuffle=True, seed=seed, workers=cfg.workers,
-                                     pin_memory=pin)
                 model.train()
                 loss_sum = torch.zeros((), device=self.device)
                 correct = torch.zeros((), device=self.device, dtype=torch.long)
                 seen = 0
-                task = progress.start(f"epoch {epoch + 1}/{cfg.epochs}", len(loader))
-                for batch in loader:
-                    self._note_skipped([data.train[i].path for i in batch.bad])
-                    n = len(batch.labels)
-                    if n == 0:
-                        progress.advance(task, 0, None)
-                        continue
-                    x = self._to_device(batch.images)
-                    y = batch.labels.to(self.device, non_blocking=True)
+                total, batches = self._batches(data.train, train=True, seed=seed)
+                task = progress.start(f"epoch {epoch + 1}/{cfg.epochs}", total)
+                for images, labels in batches:
+                    x = self._to_device(images)
+                    y = labels.to(self.device, non_blocking=True)
                     with self._autocast():
                         logits = forward(x)
                         loss = loss_fn(logits, y)
@@ -423,6 +485,7 @@ class Trainer:
                     scaler.update()
                     if self.interval == "step":
                         self.scheduler.step()
+                    n = len(labels)
                     loss_sum += loss.detach() * n
                     correct += (logits.detach().argmax(1) == y).sum()
                     seen += n
@@ -431,32 +494,33 @@ class Trainer:
                 progress.finish(task)
                 if self.interval == "epoch":
                     self.scheduler.step()
-                val_loss, labels, preds = self._evaluate_images(data.val, val_tf, loss_fn)
+                val_loss, labels_val, preds = self._evaluate_images(data.val, loss_fn)
                 self._end_epoch(epoch, loss_sum.item() / max(1, seen),
-                                correct.item() / max(1, seen), val_loss, labels, preds, seen,
+                                correct.item() / max(1, seen), val_loss, labels_val, preds, seen,
                                 time.perf_counter() - t)
 
-    def _evaluate_images(self, samples: tuple[Sample, ...], transform: Any,
+    def _compiled(self) -> Any:
+        """torch.compile (opt-in); its compile time shows in the first epoch and is reported."""
+        import torch
+
+        t0 = time.perf_counter()
+        compiled = torch.compile(self.model)
+        self.compile_seconds = time.perf_counter() - t0
+        return compiled
+
+    def _evaluate_images(self, samples: tuple[Sample, ...],
                          loss_fn: Any) -> tuple[float, list[int], list[int]]:
         import torch
 
-        from tlreg.data import make_loader
-
-        cfg = self.config
-        loader = make_loader(samples, transform, batch_size=cfg.batch_size, shuffle=False,
-                             seed=cfg.seed, workers=cfg.workers,
-                             pin_memory=self.device.type == "cuda")
         self.model.eval()
         labels: list[torch.Tensor] = []
         preds: list[torch.Tensor] = []
         loss_sum = torch.zeros((), device=self.device)
+        _, batches = self._batches(samples, train=False, seed=self.config.seed)
         with torch.inference_mode(), self._autocast():
-            for batch in loader:
-                self._note_skipped([samples[i].path for i in batch.bad])
-                if not len(batch.labels):
-                    continue
-                y = batch.labels.to(self.device)
-                logits = self.model(self._to_device(batch.images)).float()
+            for images, y_cpu in batches:
+                y = y_cpu.to(self.device)
+                logits = self.model(self._to_device(images)).float()
                 loss_sum += loss_fn(logits, y) * len(y)
                 labels.append(y)
                 preds.append(logits.argmax(1))

@@ -93,6 +93,12 @@ def train(
         None, "--cache/--no-cache", help="Cache frozen-backbone features."
     ),
     cache_dir: str | None = typer.Option(None, "--cache-dir"),
+    decoded_cache: str | None = typer.Option(
+        None, "--decoded-cache", help="Decode images once: off, memory or disk."
+    ),
+    decoded_cache_gb: float | None = typer.Option(
+        None, "--decoded-cache-gb", help="Budget for the decoded-image cache (GiB)."
+    ),
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1."),
     precision: str | None = typer.Option(None, "--precision", help="auto, fp32, bf16, fp16."),
     channels_last: bool | None = typer.Option(None, "--channels-last/--no-channels-last"),

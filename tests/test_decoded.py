@@ -1,0 +1,93 @@
+"""The decoded-image cache: exact eval inputs, seeded augmentation, disk reuse, budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from images import HYMENOPTERA, colour_folder, hymenoptera_subset
+
+from tlreg.config import TrainConfig
+from tlreg.data import Sample, build_transform, load_rgb
+from tlreg.decoded import BatchAugment, BatchEval, decode_all, short_side_for
+from tlreg.train import fit
+
+CFG = {"input_size": (3, 56, 56), "interpolation": "bicubic", "mean": (0.5, 0.4, 0.3),
+       "std": (0.2, 0.25, 0.3), "crop_pct": 0.875, "crop_mode": "center"}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not HYMENOPTERA.is_dir():
+        pytest.skip(f"real photos not found at {HYMENOPTERA}")
+    return hymenoptera_subset(tmp_path_factory.mktemp("photos"), per_class=4, val_per_class=2)
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TLREG_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _samples(root: Path) -> list[Sample]:
+    return [Sample(str(p), 0) for p in sorted(root.rglob("*.jpg"))]
+
+
+def test_eval_from_cache_equals_timm_pil_pipeline(photos: Path) -> None:
+    samples = _samples(photos)
+    decoded = decode_all(samples, CFG, mode="memory", workers=0, max_bytes=2**30)
+    assert decoded is not None and short_side_for(CFG) == 64
+    assert all(min(t.shape[1:]) == 64 and t.dtype == torch.uint8 for t in decoded.images)
+    reference = torch.stack([build_transform(CFG, train=False)(load_rgb(s.path))
+                             for s in samples])
+    assert torch.equal(BatchEval(CFG)(decoded.images), reference)
+
+
+def test_augmentation_depends_on_seed_and_index_only(photos: Path) -> None:
+    decoded = decode_all(_samples(photos), CFG, mode="memory", workers=0, max_bytes=2**30)
+    assert decoded is not None
+    aug = BatchAugment(CFG)
+    imgs = decoded.images
+    whole = aug(imgs, list(range(len(imgs))), seed=5)
+    one = aug([imgs[3]], [3], seed=5)
+    assert whole.shape == (len(imgs), 3, 56, 56)
+    assert torch.equal(whole[3], one[0]), "batch composition changed a sample's augmentation"
+    assert not torch.equal(aug([imgs[3]], [3], seed=6), one)
+    assert torch.isfinite(whole).all()
+
+
+def test_disk_cache_is_reused_and_matches_memory(photos: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    samples = _samples(photos)
+    first = decode_all(samples, CFG, mode="disk", workers=0, max_bytes=2**30)
+    calls = []
+    import tlreg.data
+
+    monkeypatch.setattr(tlreg.data, "load_rgb", lambda p: calls.append(p))
+    second = decode_all(samples, CFG, mode="disk", workers=0, max_bytes=2**30)
+    assert first is not None and second is not None and calls == []
+    for a, b in zip(first.images, second.images, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_over_budget_warns_and_training_falls_back(tmp_path: Path) -> None:
+    data = colour_folder(tmp_path / "data", per_class=4, val_per_class=2)
+    with pytest.warns(UserWarning, match="over its budget"):
+        result = fit(TrainConfig(
+            data=str(data), out=str(tmp_path / "run"), backbone="timm:test_resnet",
+            pretrained=False, policy="finetune", img_size=32, epochs=1, workers=0, quiet=True,
+            decoded_cache="memory", decoded_cache_gb=1e-6))
+    assert result.summary["epochs"] == 1
+
+
+def test_training_with_decoded_cache_is_deterministic(tmp_path: Path) -> None:
+    data = colour_folder(tmp_path / "data", per_class=6, val_per_class=3)
+
+    def run(name: str) -> dict[str, torch.Tensor]:
+        cfg = TrainConfig(data=str(data), out=str(tmp_path / name), backbone="timm:test_resnet",
+                          pretrained=False, policy="finetune", img_size=32, epochs=2,
+                          batch_size=4, workers=0, quiet=True, decoded_cache="memory")
+        return fit(cfg).model.state_dict()
+
+    a, b = run("a"), run("b")
+    assert all(torch.equal(a[k], b[k]) for k in a)

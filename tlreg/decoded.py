@@ -1,0 +1,348 @@
+"""Decode each image once: a size-bounded cache of pre-resized uint8 tensors.
+
+JPEG decoding and PIL resizing dominate a CPU data pipeline. With `--decoded-cache memory`
+(or `disk`) each image is decoded once, resized so its shorter side is `short_side` (the size
+timm's eval transform resizes to before its centre crop), and kept as a uint8 CHW tensor.
+Later epochs cut crops from those tensors and augment whole batches at once.
+
+Evaluation from the cache is exact: the stored tensor is the eval transform's resize, so the
+centre crop and normalisation give the same input as timm's PIL pipeline. Training
+augmentation (random resized crop, flip, colour jitter) runs on the stored tensor, so a crop
+is sampled from the pre-resized image rather than the original file; each sample's random
+parameters come from (epoch seed, sample index), so the augmentation does not depend on batch
+composition, worker or rank.
+
+`disk` stores the tensors in a memory-mapped file under the cache directory, keyed by the
+file list (paths, sizes, mtimes) and the resize, so the next run skips decoding too. When the
+data set would not fit `max_bytes`, the cache says so once and the trainer falls back to the
+ordinary pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tlreg.checkpoint import atomic_write_json
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from tlreg.data import Sample
+
+MODES = ("off", "memory", "disk")
+
+
+def short_side_for(data_config: dict[str, Any]) -> int:
+    """The eval transform's resize target: floor(img_size / crop_pct), as timm computes it."""
+    size = data_config["input_size"][-1]
+    return math.floor(size / data_config.get("crop_pct", 0.875))
+
+
+def estimate_bytes(samples: Sequence[Sample], short_side: int) -> int:
+    """Decoded size from image headers alone (no pixel is decoded)."""
+    from PIL import Image
+
+    total = 0
+    for s in samples:
+        try:
+            with Image.open(s.path) as img:
+                w, h = img.size
+        except Exception:
+            continue
+        rw, rh = resized_size(w, h, short_side)
+        total += 3 * rw * rh
+    return total
+
+
+def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """torchvision's Resize(int) rule: the short side to `short_side`, the long side truncated."""
+    if width <= height:
+        return short_side, int(short_side * height / width)
+    return int(short_side * width / height), short_side
+
+
+class _DecodeDataset:
+    def __init__(self, samples: Sequence[Sample], short_side: int, interpolation: str) -> None:
+        self.samples, self.short_side, self.interpolation = samples, short_side, interpolation
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        from tlreg.data import load_rgb
+
+        try:
+            img = load_rgb(self.samples[i].path)
+        except Exception:
+            return None, i
+        size = resized_size(*img.size, self.short_side)
+        method = {"bilinear": Image.Resampling.BILINEAR,
+                  "nearest": Image.Resampling.NEAREST}.get(self.interpolation,
+                                                           Image.Resampling.BICUBIC)
+        img = img.resize(size, method)
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous(), i
+
+
+def _first(batch: list[Any]) -> Any:
+    return batch[0]
+
+
+@dataclass
+class DecodedImages:
+    """uint8 CHW tensors for `samples`, in memory or in a memory-mapped file."""
+
+    samples: Sequence[Sample]
+    short_side: int
+    images: list[torch.Tensor | None]
+
+    @property
+    def failed(self) -> list[int]:
+        return [i for i, t in enumerate(self.images) if t is None]
+
+
+def _key(samples: Sequence[Sample], short_side: int, interpolation: str) -> str:
+    h = hashlib.sha256(f"{short_side}|{interpolation}".encode())
+    for s in samples:
+        st = os.stat(s.path)
+        h.update(f"{s.path}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def decode_all(samples: Sequence[Sample], data_config: dict[str, Any], *, mode: str,
+               workers: int, max_bytes: int,
+               cache_dir: str | Path | None = None) -> DecodedImages | None:
+    """Decode every sample once (in `workers` processes); None when over `max_bytes`."""
+    from torch.utils.data import DataLoader
+
+    short = short_side_for(data_config)
+    interpolation = data_config.get("interpolation", "bicubic")
+    need = estimate_bytes(samples, short)
+    if need > max_bytes:
+        warnings.warn(f"decoded-image cache needs about {need / 2**30:.2f} GiB for "
+                      f"{len(samples)} images, over its budget of {max_bytes / 2**30:.2f} GiB; "
+                      "decoding every epoch instead (raise --decoded-cache-gb to use it)",
+                      stacklevel=2)
+        return None
+    disk_dir = None
+    if mode == "disk":
+        from tlreg.cache import cache_root
+
+        disk_dir = cache_root(cache_dir) / "decoded" / _key(samples, short, interpolation)
+        loaded = _load_disk(disk_dir, samples, short)
+        if loaded is not None:
+            return loaded
+    loader = DataLoader(_DecodeDataset(samples, short, interpolation), batch_size=1,
+                        num_workers=workers, collate_fn=_first)
+    images: list[torch.Tensor | None] = [None] * len(samples)
+    for tensor, i in loader:
+        images[i] = tensor
+    decoded = DecodedImages(samples, short, images)
+    if disk_dir is not None:
+        _save_disk(disk_dir, decoded)
+        loaded = _load_disk(disk_dir, samples, short)
+        if loaded is not None:  # serve from the memory map, so pages can be dropped
+            return loaded
+    return decoded
+
+
+def _save_disk(folder: Path, decoded: DecodedImages) -> None:
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = [list(t.shape) if t is not None else None for t in decoded.images]
+    total = sum(int(np.prod(s)) for s in shapes if s)
+    tmp = folder / f".data.{os.getpid()}.tmp"
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(max(total, 1),))
+    offset = 0
+    offsets = []
+    for t in decoded.images:
+        offsets.append(offset)
+        if t is not None:
+            n = t.numel()
+            arr[offset:offset + n] = t.reshape(-1).numpy()
+            offset += n
+    arr.flush()
+    del arr
+    os.replace(tmp, folder / "data.npy")
+    atomic_write_json(folder / "index.json", {"short_side": decoded.short_side,
+                                              "shapes": shapes, "offsets": offsets})
+
+
+def _load_disk(folder: Path, samples: Sequence[Sample], short: int) -> DecodedImages | None:
+    import numpy as np
+    import torch
+
+    index_path, data_path = folder / "index.json", folder / "data.npy"
+    if not (index_path.is_file() and data_path.is_file()):
+        return None
+    try:
+        index = json.loads(index_path.read_text())
+        data: np.ndarray = np.load(data_path, mmap_mode="c")  # copy-on-write: never writes
+    except (OSError, ValueError):
+        return None
+    if len(index["shapes"]) != len(samples):
+        return None
+    flat = torch.from_numpy(data)
+    images: list[torch.Tensor | None] = []
+    for shape, off in zip(index["shapes"], index["offsets"], strict=True):
+        if shape is None:
+            images.append(None)
+        else:
+            images.append(flat[off:off + math.prod(shape)].view(*shape))
+    return DecodedImages(samples, short, images)
+
+
+# -- batched transforms on uint8 tensors ------------------------------------------------------
+
+
+def _params(seed: int, index: int, height: int, width: int, scale: tuple[float, float],
+            ratio: tuple[float, float]) -> tuple[int, int, int, int, bool, list[float]]:
+    """RandomResizedCrop box, flip and jitter factors for one sample, from (seed, index)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    box = None
+    for _ in range(10):
+        u = torch.rand(4, generator=g).tolist()
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            box = (int(u[2] * (height - h + 1)), int(u[3] * (width - w + 1)), h, w)
+            break
+    if box is None:  # fall back to a centre crop, as torchvision does
+        in_ratio = width / height
+        if in_ratio < ratio[0]:
+            w, h = width, round(width / ratio[0])
+        elif in_ratio > ratio[1]:
+            h, w = height, round(height * ratio[1])
+        else:
+            w, h = width, height
+        box = ((height - h) // 2, (width - w) // 2, h, w)
+    rest = torch.rand(4, generator=g).tolist()
+    return (*box, rest[0] < 0.5, rest[1:])
+
+
+class BatchAugment:
+    """timm-style training augmentation on uint8 tensors, normalised per batch.
+
+    RandomResizedCrop(scale, ratio) + horizontal flip per sample (cheap tensor slicing and
+    one resize), then colour jitter (brightness, contrast, saturation) and normalisation as
+    batched float operations.
+    """
+
+    def __init__(self, data_config: dict[str, Any], *, scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), jitter: float = 0.4) -> None:
+        import torch
+
+        self.size = data_config["input_size"][-1]
+        self.scale, self.ratio, self.jitter = scale, ratio, jitter
+        self.mean = torch.tensor(data_config["mean"]).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(data_config["std"]).view(1, 3, 1, 1) * 255
+
+    def __call__(self, images: Sequence[torch.Tensor], indices: Sequence[int],
+                 seed: int) -> torch.Tensor:
+        import torch
+        import torch.nn.functional as F
+
+        out = torch.empty(len(images), 3, self.size, self.size)
+        factors = []
+        for j, (img, idx) in enumerate(zip(images, indices, strict=True)):
+            top, left, h, w, flip, jit = _params(seed, idx, img.shape[1], img.shape[2],
+                                                 self.scale, self.ratio)
+            crop = img[None, :, top:top + h, left:left + w].float()
+            crop = F.interpolate(crop, size=(self.size, self.size), mode="bilinear",
+                                 align_corners=False, antialias=True)
+            out[j] = crop[0].flip(-1) if flip else crop[0]
+            factors.append(jit)
+        if self.jitter:
+            f = torch.tensor(factors) * 2 * self.jitter + (1 - self.jitter)  # U(1-j, 1+j)
+            out.mul_(f[:, 0].view(-1, 1, 1, 1))  # brightness
+            grey = (out * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, True)
+            mean = grey.mean((2, 3), keepdim=True)
+            out = (out - mean) * f[:, 1].view(-1, 1, 1, 1) + mean  # contrast
+            grey = (out * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, True)
+            out = (out - grey) * f[:, 2].view(-1, 1, 1, 1) + grey  # saturation
+            out.clamp_(0, 255)
+        return out.sub_(self.mean).div_(self.std)
+
+
+class BatchEval:
+    """The eval transform on the cached tensor: centre crop and normalise (exact)."""
+
+    def __init__(self, data_config: dict[str, Any]) -> None:
+        import torch
+
+        self.size = data_config["input_size"][-1]
+        self.mean = torch.tensor(data_config["mean"]).view(1, 3, 1, 1)
+        self.std = torch.tensor(data_config["std"]).view(1, 3, 1, 1)
+
+    def __call__(self, images: Sequence[torch.Tensor], indices: Sequence[int] = (),
+                 seed: int = 0) -> torch.Tensor:
+        import torch
+
+        crops = []
+        for img in images:
+            h, w = img.shape[1:]
+            # torchvision's CenterCrop rounds the offsets this way
+            top, left = round((h - self.size) / 2.0), round((w - self.size) / 2.0)
+            crops.append(img[:, top:top + self.size, left:left + self.size])
+        batch = torch.stack(crops).float().div_(255)
+        return batch.sub_(self.mean).div_(self.std)
+
+
+def benchmark_pipeline(data_dir: str | Path, data_config: dict[str, Any], *, epochs: int = 3,
+                       batch_size: int = 32, workers: int = 2, decoded_cache: bool = True,
+                       augment: bool = True) -> list[float]:
+    """Images/s of tlreg's training data pipeline alone (no model), per epoch.
+
+    With `decoded_cache` the first epoch includes the one decode pass; later epochs only crop
+    and augment tensors. Without it, every epoch runs the DataLoader over the files.
+    """
+    import time
+
+    import torch
+
+    from tlreg.data import build_transform, discover, make_loader
+
+    samples = discover(data_dir).train
+    speeds = []
+    decoded = None
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        n = 0
+        if decoded_cache:
+            if decoded is None:
+                decoded = decode_all(samples, data_config, mode="memory", workers=workers,
+                                     max_bytes=2**40)
+                assert decoded is not None
+                tf = BatchAugment(data_config) if augment else BatchEval(data_config)
+            order = [i for i in torch.randperm(len(samples)).tolist()
+                     if decoded.images[i] is not None]
+            for i in range(0, len(order), batch_size):
+                idx = order[i:i + batch_size]
+                n += len(tf([decoded.images[j] for j in idx], idx, epoch))
+        else:
+            loader = make_loader(samples, build_transform(data_config, train=augment),
+                                 batch_size=batch_size, shuffle=True, seed=epoch,
+                                 workers=workers)
+            for batch in loader:
+                n += len(batch.labels)
+        speeds.append(n / (time.perf_counter() - t0))
+    return speeds
