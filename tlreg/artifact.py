@@ -106,7 +106,6 @@ def save_artifact(model: TransferModel, directory: str | os.PathLike[str], *,
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    info = model.info
     head = _cpu_tensors(model.head.state_dict())
     mode, backbone, weights_hash = _backbone_part(model, pretrained_state, pretrained_sha256)
     curve = Path(training_curve) if training_curve else None
@@ -140,7 +139,8 @@ def _backbone_part(model: TransferModel, pretrained_state: Mapping[str, Tensor] 
     if source not in _NAMED_SOURCES:  # random init or a local file: nobody can rebuild it
         known = weights_sha256(_restrict(pretrained_state, current)) if pretrained_state else None
         return WEIGHTS_FULL, _cpu_tensors(current), known or pretrained_sha256
-    if pretrained_state is None and pretrained_sha256 and weights_sha256(current) == pretrained_sha256:
+    unchanged = pretrained_sha256 and weights_sha256(current) == pretrained_sha256
+    if pretrained_state is None and unchanged:
         return WEIGHTS_NONE, {}, pretrained_sha256
     if pretrained_state is None:
         pretrained_state = pretrained_backbone(model.info).state_dict()
@@ -361,7 +361,8 @@ def model_card(config: Mapping[str, Any], *, has_curve: bool) -> str:
         metrics=sorted({_metric_id(k) for k in metrics}) or None,
     )
     arch = f"{bb['timm_name']}.{bb['tag']}" if bb.get("tag") else bb["timm_name"]
-    base = f"[{arch}](https://huggingface.co/{bb['hub_id']})" if bb.get("hub_id") else f"`{arch}`"
+    linked = bb.get("hub_id") and bb["weights_source"] == "timm"
+    base = f"[{arch}](https://huggingface.co/{bb['hub_id']})" if linked else f"`{arch}`"
     title = " vs ".join(labels) if len(labels) <= 4 else f"{len(labels)}-class classifier"
     stored = {
         WEIGHTS_NONE: "Only the head is stored here; the backbone is rebuilt from its public "
@@ -447,9 +448,9 @@ def read_config(folder: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ArtifactError(f"cannot parse {path}: {exc}") from exc
     if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
+        found = config.get("format") if isinstance(config, dict) else None
         raise ArtifactError(f"{path} is not a tlreg artifact config "
-                            f"(format {config.get('format') if isinstance(config, dict) else None!r},"
-                            f" expected {FORMAT_NAME!r})")
+                            f"(format {found!r}, expected {FORMAT_NAME!r})")
     version = config.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ArtifactError(f"{path}: format_version must be a positive integer, got {version!r}")
@@ -584,7 +585,8 @@ def load_run(run_dir: Path, checkpoint: str = "best") -> TransferModel:
     model = load_run_model(run_dir, checkpoint)
     meta = json.loads((Path(run_dir) / MODEL_JSON).read_text(encoding="utf-8"))
     if meta.get("data_config"):
-        model.info = replace(model.info, data_config=dict(meta["data_config"]))
+        model.info = replace(model.info,
+                             data_config=_data_config_from_json(meta["data_config"], {}))
     return model
 
 
@@ -744,7 +746,7 @@ def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                dataset: str | None = None) -> Path:
     """Turn a run directory into an artifact folder (or, `format='timm'`, a timm folder).
 
-    Metrics come from the run's summary.json, the curve from training.png and the pretrained
+    Metrics are the checkpoint's validation metrics, the curve is training.png, the pretrained
     weights hash from model.json; nothing else from the run (no paths, no optimizer state) goes in.
     """
     if format not in ("tlreg", "timm"):
@@ -760,24 +762,48 @@ def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     meta = json.loads((run_dir / MODEL_JSON).read_text(encoding="utf-8"))
     curve = run_dir / CURVE_FILE
     return save_artifact(
-        model, out_dir, metrics=run_metrics(run_dir), pretrained_sha256=meta.get("pretrained_sha256"),
+        model, out_dir, metrics=run_metrics(run_dir, checkpoint),
+        pretrained_sha256=meta.get("pretrained_sha256"),
         training_curve=curve if curve.is_file() else None, dataset=dataset,
     )
 
 
-def run_metrics(run_dir: Path) -> dict[str, float]:
-    """Scalar validation metrics from a run's summary.json (`metrics`/`best` block or top level)."""
-    path = Path(run_dir) / "summary.json"
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+def run_metrics(run_dir: Path, checkpoint: str = "best") -> dict[str, float]:
+    """Validation metrics of a run's checkpoint: its epoch's `val_*` values from history.json.
+
+    Falls back to the checkpoint's state.json, then to summary.json's validation entries.
+    """
+    from tlreg.checkpoint import STATE_FILE, checkpoint_dir
+
+    run_dir = Path(run_dir)
+    found = checkpoint_dir(run_dir / "checkpoints" / checkpoint)
+    state = _read_json(found / STATE_FILE) if found is not None else None
+    state = state if isinstance(state, dict) else {}
+    history = _read_json(run_dir / "history.json")
+    epoch = state.get("epoch")
+    if isinstance(history, list) and epoch is not None:
+        for row in history:
+            if isinstance(row, dict) and row.get("epoch") == epoch:
+                picked = {k: v for k, v in row.items() if k.startswith("val_")}
+                return _clean_metrics({"epoch": epoch, **picked})
+    picked = {k: v for k, v in state.items() if k.startswith("val_")}
+    if picked:
+        return _clean_metrics({"epoch": epoch, **picked} if epoch is not None else picked)
+    summary = _read_json(run_dir / "summary.json")
     if not isinstance(summary, dict):
         return {}
-    for key in ("metrics", "best_metrics", "best"):
-        if isinstance(summary.get(key), dict):
-            return _clean_metrics(summary[key])
-    return _clean_metrics(summary)
+    return _clean_metrics({k: v for k, v in summary.items()
+                           if re.match(r"(best_)?val_", k) and not k.endswith(_COUNTS)})
+
+
+_COUNTS = ("_images", "_files", "_seconds")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def export_timm(model: TransferModel, out_dir: str | os.PathLike[str]) -> Path:
