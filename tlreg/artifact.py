@@ -22,10 +22,10 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Mapping
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tlreg.checkpoint import load_run_model
 from tlreg.errors import PluginError, TlregError, UnknownNameError, UsageError
 
 if TYPE_CHECKING:
@@ -533,7 +533,7 @@ def load_artifact(source: str | os.PathLike[str], *, revision: str | None = None
     if kind == "run":
         if revision:
             raise UsageError("revision= only applies to Hub sources")
-        return load_run(Path(value), checkpoint)
+        return load_run_model(Path(value), checkpoint)
     if kind == "artifact":
         if revision:
             raise UsageError("revision= only applies to Hub sources")
@@ -576,18 +576,6 @@ def split_revision(repo: str) -> tuple[str, str | None]:
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo_id) or (sep and not rev):
         raise UsageError(f"invalid Hub repo id {repo!r}: expected 'user/name' or 'user/name@rev'")
     return repo_id, rev or None
-
-
-def load_run(run_dir: Path, checkpoint: str = "best") -> TransferModel:
-    """A run's model with the data config it was trained with."""
-    from tlreg.checkpoint import MODEL_JSON, load_run_model
-
-    model = load_run_model(run_dir, checkpoint)
-    meta = json.loads((Path(run_dir) / MODEL_JSON).read_text(encoding="utf-8"))
-    if meta.get("data_config"):
-        model.info = replace(model.info,
-                             data_config=_data_config_from_json(meta["data_config"], {}))
-    return model
 
 
 def load_artifact_dir(folder: Path, *, allow_backbone_mismatch: bool = False) -> TransferModel:
@@ -756,7 +744,7 @@ def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     run_dir = Path(run_dir)
     if not (run_dir / MODEL_JSON).is_file():
         raise UsageError(f"{run_dir} is not a tlreg run directory (no {MODEL_JSON})")
-    model = load_run(run_dir, checkpoint)
+    model = load_run_model(run_dir, checkpoint)
     if format == "timm":
         return export_timm(model, out_dir)
     meta = json.loads((run_dir / MODEL_JSON).read_text(encoding="utf-8"))

@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -122,6 +122,11 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any],
             load_file(train) if train.is_file() else None)
 
 
+def _tuples(d: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON gives lists; timm's data configs use tuples."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
 def info_to_dict(info: ModelInfo) -> dict[str, Any]:
     d = asdict(info)
     d["label_names"] = list(info.label_names)
@@ -154,7 +159,10 @@ def load_run_model(run_dir: Path, checkpoint: str = "best") -> TransferModel:
     if not meta_path.is_file():
         raise UsageError(f"{run_dir} is not a tlreg run directory (no {MODEL_JSON})")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    model = build_from_info(info_from_dict(meta["info"]), pretrained=False)
+    info = info_from_dict(meta["info"])
+    if meta.get("data_config"):  # the preprocessing it was trained with (--img-size included)
+        info = replace(info, data_config=_tuples(meta["data_config"]))
+    model = build_from_info(info, pretrained=False)
     tensors, _, _ = read_checkpoint(run_dir / "checkpoints" / checkpoint)
     model.load_state_dict(tensors, strict=True)
     model.eval()

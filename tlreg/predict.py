@@ -16,14 +16,9 @@ if TYPE_CHECKING:
 
 def load_model(source: str, *, checkpoint: str = "best", **hub_options: Any) -> TransferModel:
     """A run directory (has model.json), an artifact folder, or a Hub id (`hf:` forces it)."""
-    path = Path(source)
-    if path.is_dir() and (path / "model.json").is_file():
-        from tlreg.checkpoint import load_run_model
-
-        return load_run_model(path, checkpoint)
     from tlreg.artifact import load_artifact
 
-    return load_artifact(source, **hub_options)
+    return load_artifact(source, checkpoint=checkpoint, **hub_options)
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[str]:
