@@ -197,7 +197,7 @@ def predict(
     if csv is not None:
         _write_csv(csv, results, top_k)
     if as_json:
-        print_json([{k: v for k, v in r.items() if k != "logits"} for r in results])
+        print_json(results)
         return
     print_table(
         ["file", "label", "probability"],
