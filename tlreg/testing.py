@@ -113,9 +113,10 @@ def check_backbone(name: str, *, pretrained: bool = False, num_classes: int = 3)
 
     # Stages and layers: a partition of the backbone's parameters.
     names = [n for n, _ in backbone.named_parameters()]
+    known = set(names)
     for kind, ids in (("stage", model.stage_of), ("layer", model.layer_of)):
         missing = [n for n in names if n not in ids]
-        extra = [n for n in ids if n not in set(names)]
+        extra = [n for n in ids if n not in known]
         _check(not missing, f"{where}: {len(missing)} parameters are in no {kind}: "
                f"{_few(missing)}")
         _check(not extra, f"{where}: {kind} ids name unknown parameters: {_few(extra)}")
@@ -401,7 +402,7 @@ def _plan(where: str, policy: Any, num_stages: int, epoch: int) -> FreezePlan:
     _check(not bad, f"{at}: trainable stages must be ints in 0..{num_stages - 1}, got {bad}")
     _check(len(plan.bn) == num_stages,
            f"{at}: {len(plan.bn)} BatchNorm rules for {num_stages} stages")
-    rules = [r for r in plan.bn if r not in BN_RULES]
+    rules = sorted({str(r) for r in plan.bn if r not in BN_RULES})
     _check(not rules, f"{at}: unknown BatchNorm rules {rules}; each must be one of "
            f"{', '.join(BN_RULES)}")
     return plan
@@ -464,10 +465,10 @@ def _few(items: Any, n: int = 5) -> str:
 
 
 def _tlreg_call(where: str, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call into tlreg; its user-facing errors become assertion failures with the message kept."""
+    """Call into tlreg; any error (a plugin may raise anything) fails with its message kept."""
     try:
         return fn(*args, **kwargs)
-    except TlregError as exc:
+    except Exception as exc:
         raise AssertionError(f"{where} {what}: {type(exc).__name__}: {exc}") from exc
 
 
@@ -531,7 +532,7 @@ def _model_with(where: str, backbone: str, num_classes: int, *,
                 head: str | Callable[..., Any] = "linear", head_args: Mapping[str, Any] = (),
                 policy: str | Callable[..., Any] = "feature-extract",
                 policy_args: Mapping[str, Any] = ()) -> TransferModel:
-    """A random-init TransferModel; unregistered factories are swapped in the way tlreg would."""
+    """A random-init TransferModel; an unregistered head factory is swapped in as tlreg would."""
     from tlreg.model import create_model
 
     model = _tlreg_call(
@@ -543,10 +544,14 @@ def _model_with(where: str, backbone: str, num_classes: int, *,
         pretrained=False,
     )
     if not isinstance(head, str):
-        model.head = _call_factory(where, head, model.feature_dim, num_classes, head_args)
-    if not isinstance(policy, str):
-        model.policy = _call_factory(where, policy, None, None, policy_args)
-    model.apply_policy(0)
+        import torch
+
+        module = _call_factory(where, head, model.feature_dim, num_classes, head_args)
+        _check(isinstance(module, torch.nn.Module),
+               f"{where}: factory returned {type(module).__name__}, not an nn.Module")
+        model.head = module
+        model.apply_plan(model.plan)  # as create_model would: the new head trains
+    # An unregistered policy is left to the caller, who applies and checks its plans.
     return model
 
 
