@@ -46,10 +46,10 @@ def _has_weights(spec: Any) -> bool:
 
 def describe_backbone(name: str) -> dict[str, Any]:
     """Everything `backbones show` prints, built on a random-init model (nothing downloaded)."""
+    spec = get_backbone(name)  # before torch and timm load: a wrong name fails fast
+    dist = "timm" if name.startswith(TIMM_PREFIX) else find("backbone", name).dist
     from tlreg.model import create_model
 
-    spec = get_backbone(name)
-    dist = "timm" if name.startswith(TIMM_PREFIX) else find("backbone", name).dist
     model = create_model(name, 2, head="linear", policy="finetune", pretrained=False)
     stage_params = [0] * model.num_stages
     stage_layers: list[set[int]] = [set() for _ in range(model.num_stages)]

@@ -10,11 +10,14 @@ import sys
 import warnings
 from importlib import import_module
 
-import click
 import typer
 
 from tlreg import __version__
 from tlreg.errors import TlregError
+
+# The click that typer uses: since typer 0.2x its own vendored copy (typer no longer depends
+# on click at all), before that click itself. typer re-exports its BadParameter in both cases.
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 app = typer.Typer(
     name="tlreg",
@@ -62,10 +65,10 @@ def main(argv: list[str] | None = None) -> None:
         warnings.showwarning = _show_warning
     try:
         rv = app(args=args, prog_name="tlreg", standalone_mode=False)
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("aborted", file=sys.stderr)
         sys.exit(130)
-    except click.ClickException as exc:
+    except _ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except TlregError as exc:
