@@ -198,6 +198,9 @@ def create_model(backbone: str, num_classes: int, *, head: str | None = None,
         raise UsageError(f"num_classes must be at least 2, got {num_classes}")
     if label_names and len(label_names) != num_classes:
         raise UsageError(f"{len(label_names)} label names for {num_classes} classes")
+    if weights is not None and not pretrained:
+        raise UsageError("weights= loads pretrained weights from a file; drop pretrained=False "
+                         "(--no-pretrained) or the weights file")
     spec: BackboneSpec = get_backbone(backbone)
     provider = "timm" if backbone.startswith(TIMM_PREFIX) else find("backbone", backbone).dist
     head = head or spec.head
