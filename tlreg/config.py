@@ -17,6 +17,7 @@ from tlreg.errors import UsageError
 SCHEDULERS = ("cosine", "step", "onecycle", "constant")
 SOLVERS = ("sgd", "lbfgs")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LR_SCALINGS = ("none", "linear")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class TrainConfig:
     precision: str = "auto"
     channels_last: bool = True
     compile: bool = False
+    sync_bn: bool = False  # SyncBatchNorm across processes (CUDA only)
+    lr_scaling: str = "none"  # linear: lr (and min_lr) x number of processes
     workers: int = 2
     seed: int = 0
     quiet: bool = False
@@ -66,6 +69,7 @@ class TrainConfig:
         _choice("scheduler", self.scheduler, SCHEDULERS)
         _choice("solver", self.solver, SOLVERS)
         _choice("precision", self.precision, PRECISIONS)
+        _choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
         _choice("decoded_cache", self.decoded_cache, ("off", "memory", "disk"))
         if self.epochs < 1:
             raise UsageError(f"epochs must be >= 1, got {self.epochs}")

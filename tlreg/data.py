@@ -149,11 +149,18 @@ def build_transform(data_config: dict[str, Any], *, train: bool) -> Callable[[An
 
 
 class ImageDataset:
-    """A map-style dataset of (image tensor, label, index); undecodable files yield None."""
+    """A map-style dataset of (image tensor, label, index); undecodable files yield None.
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable[[Any], Any]) -> None:
+    With `per_sample_seed`, each sample's random transform is seeded from (that seed, its
+    index), so an augmented sample is the same whichever worker, batch or rank loads it (the
+    global RNGs are restored afterwards).
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable[[Any], Any],
+                 per_sample_seed: int | None = None) -> None:
         self.samples = list(samples)
         self.transform = transform
+        self.per_sample_seed = per_sample_seed
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -162,9 +169,37 @@ class ImageDataset:
         sample = self.samples[index]
         try:
             image = load_rgb(sample.path)
-            return self.transform(image), sample.label, index
+            if self.per_sample_seed is None:
+                return self.transform(image), sample.label, index
+            return (_seeded(self.transform, image, sample_seed(self.per_sample_seed, index)),
+                    sample.label, index)
         except Exception:  # truncated, corrupt or not an image: skipped and reported
             return None, sample.label, index
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for one sample of one epoch (a hash: no two (seed, index) pairs collide)."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _seeded(transform: Callable[[Any], Any], image: Any, seed: int) -> Any:
+    """`transform(image)` with python, numpy and torch RNGs seeded; their states are restored."""
+    import numpy as np
+    import torch
+
+    py, npst, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.default_generator.manual_seed(seed)  # the CPU generator only (not CUDA's)
+        return transform(image)
+    finally:
+        random.setstate(py)
+        np.random.set_state(npst)
+        torch.set_rng_state(th)
 
 
 @dataclass
@@ -191,14 +226,17 @@ def collate(items: list[tuple[Any, int, int]]) -> Batch:
 
 def make_loader(samples: Sequence[Sample], transform: Callable[[Any], Any], *, batch_size: int,
                 shuffle: bool, seed: int, workers: int, pin_memory: bool = False,
-                sampler: Any = None) -> Any:
-    """A DataLoader whose order and worker seeds depend only on `seed` (resume replays it)."""
+                sampler: Any = None, per_sample_seed: int | None = None) -> Any:
+    """A DataLoader whose order and worker seeds depend only on `seed` (resume replays it).
+
+    `per_sample_seed` seeds each sample's transform from (it, sample index) (`ImageDataset`).
+    """
     import torch
     from torch.utils.data import DataLoader
 
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
-        ImageDataset(samples, transform), batch_size=batch_size,
+        ImageDataset(samples, transform, per_sample_seed), batch_size=batch_size,
         shuffle=shuffle if sampler is None else False, sampler=sampler, num_workers=workers,
         collate_fn=collate, generator=generator, pin_memory=pin_memory,
         persistent_workers=False, drop_last=False,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tlreg import distributed
 from tlreg.checkpoint import (
     atomic_write_json,
     atomic_write_text,
@@ -64,12 +65,39 @@ def fit(config: TrainConfig | None = None, *, resume: str | Path | None = None,
         if not (run_dir / "config.yaml").is_file():
             raise UsageError(f"cannot resume: {run_dir} is not a tlreg run (no config.yaml)")
         config = TrainConfig.from_yaml(run_dir / "config.yaml", **options)
-        return Trainer(config, resume=True, callbacks=callbacks).run()
+        if "batch_size" not in options:
+            config = config.replace(batch_size=_resume_batch_size(run_dir, config.batch_size))
+        return _run(Trainer(config, resume=True, callbacks=callbacks))
     if config is None:
         config = TrainConfig(**options)
     elif options:
         config = config.replace(**options)
-    return Trainer(config, callbacks=callbacks).run()
+    return _run(Trainer(config, callbacks=callbacks))
+
+
+def _run(trainer: Trainer) -> RunResult:
+    # Under torchrun, join the process group for this run (a no-op for one process).
+    with distributed.session(trainer.config.device):
+        return trainer.run()
+
+
+def _resume_batch_size(run_dir: Path, batch_size: int) -> int:
+    """The per-process batch that keeps the run's global batch with this many processes.
+
+    So a run resumed on another number of processes keeps its global batch, LR schedule and
+    data order; when the global batch does not divide, the user must choose.
+    """
+    try:
+        run = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return batch_size
+    global_batch = int(run.get("global_batch_size") or batch_size)
+    world = distributed.planned_world()
+    if global_batch % world:
+        raise UsageError(f"cannot resume {run_dir} on {world} processes: its global batch of "
+                         f"{global_batch} does not divide by {world}; pass --batch-size B to "
+                         "choose the per-process batch (the global batch then changes)")
+    return global_batch // world
 
 
 def seed_everything(seed: int) -> None:
@@ -184,22 +212,31 @@ class Trainer:
         seed_everything(cfg.seed)
         self._resolve(data)
         cfg = self.config
-        self.device = resolve_device(cfg.device)
+        self.device = distributed.device_for(resolve_device(cfg.device))
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
         model = self.model.to(self.device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
+        # Under DDP: batch_size is per process; the global batch (and lr, with --lr-scaling
+        # linear) scale with the number of processes, and run.json records both.
+        self.world = distributed.world()
+        self.global_batch = cfg.batch_size * self.world
+        self.lr_scale = self.world if cfg.lr_scaling == "linear" else 1
+        if cfg.sync_bn and not distributed.convert_sync_batchnorm(model, self.device):
+            _say(cfg, "note: --sync-bn changes nothing here (one process, or no BatchNorm)")
         from tlreg.optim import build_optimizer, build_scheduler
 
         self.optimizer = build_optimizer(
-            model, cfg.optimizer, lr=cfg.lr, layer_decay=cfg.layer_decay,
+            model, cfg.optimizer, lr=cfg.lr * self.lr_scale, layer_decay=cfg.layer_decay,
             weight_decay=cfg.weight_decay, backbone_lr_mult=cfg.backbone_lr_mult,
-            min_lr=cfg.min_lr, momentum=cfg.momentum)
-        steps = max(1, math.ceil(len(data.train) / cfg.batch_size))
+            min_lr=cfg.min_lr * self.lr_scale, momentum=cfg.momentum)
+        steps = distributed.steps_per_epoch(len(data.train), cfg.batch_size,
+                                            features=self.use_features)
         self.scheduler, self.interval = build_scheduler(
             self.optimizer, cfg.scheduler, epochs=cfg.epochs, steps_per_epoch=steps,
             warmup_epochs=cfg.warmup_epochs, step_size=cfg.step_size, gamma=cfg.gamma,
-            min_lr=cfg.min_lr)
+            min_lr=cfg.min_lr * self.lr_scale)
+        distributed.barrier()  # every rank checked --out before rank 0 creates it
         if self.resume:
             self._load_last()
         else:
@@ -228,8 +265,10 @@ class Trainer:
         from tlreg import __version__
         from tlreg.backbones import weights_sha256
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self._previous_wall = 0.0
+        if not distributed.is_main():  # rank 0 writes every file of the run
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.run_dir / "config.yaml", self.config.to_yaml())
         if self.config.pretrained:
             self.pretrained_sha256 = weights_sha256(self.model.backbone.state_dict())
@@ -241,6 +280,9 @@ class Trainer:
             "workers": self.config.workers, "train_images": len(data.train),
             "val_images": len(data.val), "classes": list(data.classes),
             "feature_cache": self.use_features,
+            "world_size": self.world, "global_batch_size": self.global_batch,
+            "backend": distributed.backend(), "lr_scaling": self.config.lr_scaling,
+            "lr_scale": self.lr_scale,
         })
 
     # -- training on cached features --------------------------------------------------------
@@ -271,7 +313,11 @@ class Trainer:
             feats = torch.cat(out) if out else torch.empty(0, model.feature_dim)
             return feats.cpu(), failed
 
-        feats, failed = cached_features(samples, compute, cache)
+        if self.world > 1:  # each rank computes its shard; every rank gets all features
+            feats, failed = distributed.shard_features(samples, compute, cache,
+                                                       model.feature_dim)
+        else:
+            feats, failed = cached_features(samples, compute, cache)
         self._note_skipped([samples[i].path for i in failed])
         bad = set(failed)
         labels = torch.tensor([s.label for i, s in enumerate(samples) if i not in bad])
@@ -312,8 +358,9 @@ class Trainer:
                 order = torch.randperm(len(x_train), generator=gen).to(self.device)
                 loss_sum = torch.zeros((), device=self.device)
                 correct = torch.zeros((), device=self.device, dtype=torch.long)
-                for i in range(0, len(order), cfg.batch_size):
-                    idx = order[i:i + cfg.batch_size]
+                # Every rank holds all features and trains the same head on global batches.
+                for i in range(0, len(order), self.global_batch):
+                    idx = order[i:i + self.global_batch]
                     logits = head(x_train[idx])
                     loss = loss_fn(logits, y_train[idx])
                     self.optimizer.zero_grad(set_to_none=True)
@@ -406,44 +453,45 @@ class Trainer:
         _say(cfg, f"decoded {len(data.train) + len(data.val)} images once "
                   f"in {time.perf_counter() - t0:.1f}s ({cfg.decoded_cache})")
 
-    def _batches(self, samples: tuple[Sample, ...], *, train: bool,
-                 seed: int) -> tuple[int, Iterator[tuple[torch.Tensor, torch.Tensor]]]:
-        """(number of batches, iterator of CPU (images, labels)) for one pass over `samples`.
+    def _batches(self, samples: tuple[Sample, ...], *, train: bool, seed: int,
+                 epoch: int = 0) -> tuple[int, Iterator[tuple[torch.Tensor, torch.Tensor,
+                                                             torch.Tensor]]]:
+        """(number of batches, iterator of CPU (images, labels, sample indices)) for one pass.
 
         From the decoded cache when there is one (batched tensor transforms), else from a
         DataLoader over the files. Either way the order and augmentation depend only on seed.
+        Under DDP this rank's shard only: the DistributedSampler's order, the same on every
+        rank, with each sample's augmentation seeded from (seed, its index).
         """
         import torch
 
         from tlreg.data import make_loader
 
         cfg = self.config
+        sampler = distributed.sampler(len(samples), shuffle=train, seed=seed, epoch=epoch)
         decoded = self.decoded_train if train else self.decoded_val
         if decoded is not None:
-            if train:
-                gen = torch.Generator().manual_seed(seed)
-                order = torch.randperm(len(samples), generator=gen).tolist()
-            else:
-                order = list(range(len(samples)))
-            order = [i for i in order if decoded.images[i] is not None]
+            order = [i for i in sampler if decoded.images[i] is not None]
             transform = self.train_batch_tf if train else self.eval_batch_tf
             labels = torch.tensor([s.label for s in samples])
 
-            def from_cache() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            def from_cache() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
                 for i in range(0, len(order), cfg.batch_size):
                     idx = order[i:i + cfg.batch_size]
-                    yield transform([decoded.images[j] for j in idx], idx, seed), labels[idx]
+                    yield (transform([decoded.images[j] for j in idx], idx, seed), labels[idx],
+                           torch.tensor(idx))
 
             return math.ceil(len(order) / cfg.batch_size), from_cache()
         tf = self.train_tf if train else self.val_tf
         loader = make_loader(samples, tf, batch_size=cfg.batch_size, shuffle=train, seed=seed,
-                             workers=cfg.workers, pin_memory=self.device.type == "cuda")
+                             workers=cfg.workers, pin_memory=self.device.type == "cuda",
+                             sampler=sampler, per_sample_seed=seed if train else None)
 
-        def from_files() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        def from_files() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
             for batch in loader:
                 self._note_skipped([samples[i].path for i in batch.bad])
                 if len(batch.labels):
-                    yield batch.images, batch.labels
+                    yield batch.images, batch.labels, batch.indices
 
         return len(loader), from_files()
 
@@ -460,10 +508,17 @@ class Trainer:
         loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         scaler = torch.amp.GradScaler(enabled=self.amp_dtype == torch.float16)
         forward = self._compiled() if cfg.compile else model
-        with Progress(quiet=cfg.quiet) as progress:
+        replicas = distributed.Replicas(model, self.device) if self.world > 1 else None
+        with Progress(quiet=cfg.quiet or not distributed.is_main()) as progress:
             for epoch in range(self.start_epoch, cfg.epochs):
                 t = time.perf_counter()
                 model.apply_policy(epoch)
+                if replicas is not None and replicas.stale():
+                    # Freeze first, then wrap: DDP syncs only what trained when it was built.
+                    forward = model  # drop the old wrapper (and its gradient hooks) first
+                    forward = replicas.module()
+                    if cfg.compile:
+                        forward = torch.compile(forward)
                 seed = _epoch_seed(cfg.seed, epoch)
                 torch.manual_seed(seed)
                 random.seed(seed)
@@ -471,9 +526,9 @@ class Trainer:
                 loss_sum = torch.zeros((), device=self.device)
                 correct = torch.zeros((), device=self.device, dtype=torch.long)
                 seen = 0
-                total, batches = self._batches(data.train, train=True, seed=seed)
+                total, batches = self._batches(data.train, train=True, seed=seed, epoch=epoch)
                 task = progress.start(f"epoch {epoch + 1}/{cfg.epochs}", total)
-                for images, labels in batches:
+                for images, labels, _ in batches:
                     x = self._to_device(images)
                     y = labels.to(self.device, non_blocking=True)
                     with self._autocast():
@@ -495,9 +550,10 @@ class Trainer:
                 if self.interval == "epoch":
                     self.scheduler.step()
                 val_loss, labels_val, preds = self._evaluate_images(data.val, loss_fn)
-                self._end_epoch(epoch, loss_sum.item() / max(1, seen),
-                                correct.item() / max(1, seen), val_loss, labels_val, preds, seen,
-                                time.perf_counter() - t)
+                seen, loss_total, n_correct = distributed.sum_all(seen, loss_sum.item(),
+                                                                  correct.item())
+                self._end_epoch(epoch, loss_total / max(1, seen), n_correct / max(1, seen),
+                                val_loss, labels_val, preds, int(seen), time.perf_counter() - t)
 
     def _compiled(self) -> Any:
         """torch.compile (opt-in); its compile time shows in the first epoch and is reported."""
@@ -511,22 +567,27 @@ class Trainer:
     def _evaluate_images(self, samples: tuple[Sample, ...],
                          loss_fn: Any) -> tuple[float, list[int], list[int]]:
         import torch
+        import torch.nn.functional as F
 
         self.model.eval()
-        labels: list[torch.Tensor] = []
-        preds: list[torch.Tensor] = []
-        loss_sum = torch.zeros((), device=self.device)
+        rows: list[torch.Tensor] = []  # (sample index, label, prediction)
+        losses: list[torch.Tensor] = []
+        smoothing = getattr(loss_fn, "label_smoothing", 0.0)
         _, batches = self._batches(samples, train=False, seed=self.config.seed)
         with torch.inference_mode(), self._autocast():
-            for images, y_cpu in batches:
+            for images, y_cpu, idx in batches:
                 y = y_cpu.to(self.device)
                 logits = self.model(self._to_device(images)).float()
-                loss_sum += loss_fn(logits, y) * len(y)
-                labels.append(y)
-                preds.append(logits.argmax(1))
-        n = sum(len(y) for y in labels)
-        return (loss_sum.item() / max(1, n), torch.cat(labels).tolist() if labels else [],
-                torch.cat(preds).tolist() if preds else [])
+                losses.append(F.cross_entropy(logits, y, reduction="none",
+                                              label_smoothing=smoothing))
+                rows.append(torch.stack([idx.to(self.device), y, logits.argmax(1)], 1))
+        table = torch.cat(rows) if rows else torch.empty(0, 3, dtype=torch.long,
+                                                         device=self.device)
+        loss = torch.cat(losses) if losses else torch.empty(0, device=self.device)
+        # Under DDP each rank saw its padded shard: one row per sample index, from all ranks.
+        _, table, loss = distributed.gather_by_index(table[:, 0], table, loss)
+        return (loss.sum().item() / max(1, len(loss)), table[:, 1].tolist(),
+                table[:, 2].tolist())
 
     # -- bookkeeping ------------------------------------------------------------------------
 
@@ -543,6 +604,8 @@ class Trainer:
         from tlreg.metrics import classification_report
         from tlreg.optim import layer_lrs
 
+        if self.world > 1:  # each rank met the unreadable files of its own shard
+            self.skipped = set().union(*distributed.all_gather_object(sorted(self.skipped)))
         report = classification_report(labels, preds, self.data.classes)
         row = {
             "epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
@@ -555,11 +618,14 @@ class Trainer:
         is_best = report["accuracy"] > self.best_acc
         if is_best:
             self.best_acc = report["accuracy"]
-            save_checkpoint(self.run_dir / "checkpoints" / "best", self.model.state_dict(),
-                            {"epoch": epoch + 1, "val_accuracy": report["accuracy"],
-                             "report": report})
-        self._save_last(epoch)
-        atomic_write_json(self.run_dir / "history.json", self.history)
+        if distributed.is_main():  # every rank holds the same state; rank 0 saves it
+            if is_best:
+                save_checkpoint(self.run_dir / "checkpoints" / "best", self.model.state_dict(),
+                                {"epoch": epoch + 1, "val_accuracy": report["accuracy"],
+                                 "report": report})
+            self._save_last(epoch)
+            atomic_write_json(self.run_dir / "history.json", self.history)
+        distributed.barrier()  # the epoch's files exist before any rank goes on
         _say(self.config, f"epoch {epoch + 1}/{self.config.epochs}  loss {train_loss:.4f}  "
                           f"train acc {train_acc:.3f}  val loss {val_loss:.4f}  "
                           f"val acc {report['accuracy']:.3f}  ({seconds:.1f}s)")
@@ -647,11 +713,18 @@ class Trainer:
             "feature_seconds": getattr(self, "feature_seconds", None),
             "wall_seconds": wall,
         }
-        atomic_write_json(self.run_dir / "summary.json", summary)
-        if self.history:
-            from tlreg.plots import plot_history
+        if self.world > 1:
+            summary["world_size"] = self.world
+            if status == "completed":  # frozen and trained weights alike, bitwise
+                summary["replicas_identical"] = distributed.replicas_agree(self.model)
+        if distributed.is_main():
+            atomic_write_json(self.run_dir / "summary.json", summary)
+            if self.history:
+                from tlreg.plots import plot_history
 
-            plot_history(self.history, self.run_dir / "training.png")
+                plot_history(self.history, self.run_dir / "training.png")
+        if status == "completed":
+            distributed.barrier()
         return summary
 
 
@@ -662,6 +735,6 @@ def _data_config(model: TransferModel, img_size: int | None) -> dict[str, Any]:
 
 
 def _say(config: TrainConfig, message: str) -> None:
-    if not config.quiet:
+    if not config.quiet and distributed.is_main():
         print(message, file=sys.stderr if os.environ.get("TLREG_LOG_STDERR") else sys.stdout,
               flush=True)

@@ -34,6 +34,7 @@ def parse_kv(items: list[str] | None, what: str) -> dict[str, Any]:
 
 
 def train(
+    ctx: typer.Context,
     data: str | None = typer.Argument(
         None, help="Image folder: DATA/train/<class>, DATA/val/<class>."
     ),
@@ -108,13 +109,26 @@ def train(
     workers: int | None = typer.Option(None, "--workers"),
     seed: int | None = typer.Option(None, "--seed"),
     quiet: bool | None = typer.Option(None, "--quiet/--no-quiet", "-q"),
+    devices: int | None = typer.Option(
+        None, "--devices", help="Start N processes here (torchrun's agent, DDP); see docs."
+    ),
+    sync_bn: bool | None = typer.Option(
+        None, "--sync-bn/--no-sync-bn", help="SyncBatchNorm across processes (CUDA only)."
+    ),
+    lr_scaling: str | None = typer.Option(
+        None, "--lr-scaling", help="none, or linear: lr x number of processes."
+    ),
 ) -> None:
     """Train a head (and, by policy, the backbone) on an image folder."""
     options = {
         k: v
         for k, v in locals().items()
-        if v is not None and k not in {"config", "resume", "head_arg", "policy_arg"}
+        if v is not None
+        and k not in {"ctx", "config", "resume", "head_arg", "policy_arg", "devices"}
     }
+    if devices is not None and devices != 1:
+        _launch(ctx, devices)
+        return
     if head_arg:
         options["head_args"] = parse_kv(head_arg, "head-arg")
     if policy_arg:
@@ -131,11 +145,47 @@ def train(
             raise UsageError("tlreg train needs DATA_DIR and --out (or --config FILE)")
         result = fit(TrainConfig.from_dict(options))
     s = result.summary
+    from tlreg import distributed
+
+    if not distributed.is_main():  # rank 0 reports for every process
+        return
     typer.echo(
         f"val accuracy {s['val_accuracy']:.4f} (best {s['best_val_accuracy']:.4f}) "
         f"after {s['epochs']} epochs, {s['wall_seconds']:.1f}s; "
         f"{s['skipped_files']} files skipped -> {result.run_dir}"
     )
+
+
+def _launch(ctx: typer.Context, devices: int) -> None:
+    """`--devices N`: run this same command (without --devices) in N torchrun workers."""
+    from tlreg import distributed
+
+    if devices < 1:
+        raise UsageError(f"--devices must be >= 1, got {devices}")
+    argv = ["train", *_command_line(ctx, skip="devices")]
+    if ctx.find_root().params.get("debug"):
+        argv.insert(0, "--debug")
+    distributed.launch(argv, devices)
+
+
+def _command_line(ctx: Any, skip: str) -> list[str]:
+    """The options and arguments given to this command, as a command line again."""
+    opts: list[str] = []
+    args: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name == skip or value is None:
+            continue
+        if param.param_type_name == "argument":
+            args.append(str(value))
+        elif getattr(param, "is_flag", False) and getattr(param, "secondary_opts", None):
+            opts.append(param.opts[0] if value else param.secondary_opts[0])
+        elif getattr(param, "multiple", False):
+            for item in value:
+                opts += [param.opts[0], str(item)]
+        else:
+            opts += [param.opts[0], str(value)]
+    return [*opts, "--", *args] if args else opts
 
 
 def evaluate(
