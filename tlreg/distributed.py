@@ -479,6 +479,9 @@ def launch(argv: Sequence[str], nproc: int) -> None:
     if launched() is not None:
         raise UsageError("--devices starts torchrun itself; under torchrun leave it out")
     # torchrun would default every worker to 1 thread; share this machine's cores instead.
+    # The workers inherit it; the caller's environment is restored afterwards (this also runs
+    # inside notebooks and test processes).
+    threads_before = os.environ.get("OMP_NUM_THREADS")
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     args = get_args_parser().parse_args(
         ["--standalone", f"--nproc-per-node={nproc}", "--module", "tlreg", *argv])
@@ -492,6 +495,9 @@ def launch(argv: Sequence[str], nproc: int) -> None:
                                "stopped (the last checkpoint is kept: continue with --resume)")
         err.exit_code = failure.exitcode if failure.exitcode > 0 else 1
         raise err from None
+    finally:
+        if threads_before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
 
 
 def steps_per_epoch(n: int, batch_size: int, *, features: bool) -> int:
