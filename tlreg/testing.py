@@ -68,6 +68,14 @@ class BackboneReport:
     weights_sha256: str | None  # canonical hash of the loaded weights; None when random
 
 
+def _small_input(model: Any) -> tuple[int, ...]:
+    """Heads and policies do not care about resolution: CNNs get 64 px (fast); ViTs need theirs."""
+    size = tuple(model.data_config["input_size"])
+    if getattr(model.backbone, "patch_embed", None) is not None:
+        return size
+    return (size[0], 64, 64)
+
+
 # -- backbones -------------------------------------------------------------------------------
 
 
@@ -233,7 +241,7 @@ def check_head(name: str | Callable[..., nn.Module], /, **head_args: Any) -> Non
         frozen = [n for n, p in params.items() if not p.requires_grad]
         _check(not frozen, f"{at}: head parameters do not train: {_few(frozen)}")
 
-        size = model.data_config["input_size"]
+        size = _small_input(model)
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(4, *size, generator=gen)
         y = torch.arange(4) % num_classes
@@ -311,7 +319,7 @@ def check_policy(name: str | Callable[..., Any], /, *, epochs: int = 4,
     model.policy = policy  # the instance checked above
     n = model.num_stages
     bn_modules = {m: mod for m, mod in model.backbone.named_modules() if isinstance(mod, _BN)}
-    size = model.data_config["input_size"]
+    size = _small_input(model)
     gen = torch.Generator().manual_seed(0)
     plans = []
     for epoch in range(epochs):
