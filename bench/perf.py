@@ -395,11 +395,11 @@ def figure2(s: Settings) -> dict[str, Any]:
 
 def figure3(s: Settings) -> dict[str, Any]:
     """The data pipeline alone: tlreg's loader (decoded cache off / on) vs ImageFolder + PIL."""
-    import tlreg.data
+    import tlreg.decoded
 
     epochs = s.epochs or (2 if s.quick else 3)
     workers = os.cpu_count() or 1
-    available = hasattr(tlreg.data, "benchmark_pipeline")
+    available = hasattr(tlreg.decoded, "benchmark_pipeline")
     runs: list[dict[str, Any]] = []
     for model in s.models_for(["efficientnet_lite0"]):
         common = ["--data", str(s.data), "--model", model.baseline, "--epochs", str(epochs),
@@ -423,8 +423,8 @@ def figure3(s: Settings) -> dict[str, Any]:
             r["metrics"] = {"images_per_second": statistics.median(later),
                             "epoch_images_per_second": rates}
     note = None if available else (
-        "tlreg.data.benchmark_pipeline(data_dir, data_config, epochs, batch_size, workers, "
-        "decoded_cache) does not exist yet: only the ImageFolder + PIL baseline was measured")
+        "tlreg.decoded.benchmark_pipeline is missing: only the ImageFolder + PIL baseline was "
+        "measured")
     return {"epochs": epochs, "workers": workers, "runs": runs, "note": note}
 
 
@@ -487,10 +487,11 @@ def worker(argv: list[str]) -> None:
     import resource
 
     from bench.baselines import model_data_config
-    from tlreg.data import benchmark_pipeline
+    from tlreg.decoded import benchmark_pipeline
 
-    rates = benchmark_pipeline(a.data, model_data_config(a.model), a.epochs, a.batch_size,
-                               a.workers, a.decoded_cache)
+    rates = benchmark_pipeline(a.data, model_data_config(a.model), epochs=a.epochs,
+                               batch_size=a.batch_size, workers=a.workers,
+                               decoded_cache=a.decoded_cache)
     Path(a.json).write_text(json.dumps({
         "impl": "tlreg", "decoded_cache": a.decoded_cache, "images_per_second": list(rates),
         "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
