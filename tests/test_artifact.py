@@ -76,23 +76,6 @@ def timm_weights(seed: int = 0) -> bytes:
 
 
 @pytest.fixture
-def hf_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh HF home: no developer token, cache or offline setting leaks in or out."""
-    home = tmp_path / "hf_home"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT"):
-        monkeypatch.delenv(var, raising=False)
-    # huggingface_hub reads these at import time, so the variables above alone come too late.
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    return home / "hub"
-
-
-@pytest.fixture
 def hub(hf_env: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalHub]:
     """A LocalHub that is *the* Hub for this test: default endpoint, token, timm's weights."""
     with LocalHub() as local:

@@ -58,8 +58,7 @@ from tlreg.hub import (
 )
 from tlreg.model import create_model
 
-hf_env = test_artifact.hf_env  # the shared fixtures: a fresh HF home, a LocalHub as the Hub
-hub = test_artifact.hub
+hub = test_artifact.hub  # the shared fixture: a LocalHub as the Hub (hf_env is in conftest)
 
 REPO = f"{TEST_USER}/ants-vs-bees"
 BAD_TOKEN = "hf_this_token_is_wrong_0123456789"

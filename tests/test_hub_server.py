@@ -15,7 +15,6 @@ from huggingface_hub import (
     CommitOperationCopy,
     CommitOperationDelete,
     HfApi,
-    constants,
     hf_hub_download,
     hf_hub_url,
     snapshot_download,
@@ -38,24 +37,7 @@ WEIGHTS = save({"head.weight": np.arange(6, dtype=np.float32).reshape(2, 3)})
 
 
 @pytest.fixture
-def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Keep the client off the developer's token, cache and offline setting."""
-    home = tmp_path / "hf_home"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    # huggingface_hub reads these at import time, so the variables above alone come too late.
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    return home / "hub"
-
-
-@pytest.fixture
-def hub(hf_cache: Path) -> Iterator[LocalHub]:
+def hub(hf_env: Path) -> Iterator[LocalHub]:
     with running_hub(tokens={TEST_TOKEN: TEST_USER, "hf_bob_token": "bob"}) as hub:
         yield hub
         assert hub.errors == []
