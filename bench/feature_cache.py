@@ -95,7 +95,9 @@ def run(quick: bool = False) -> None:
         "",
         f"`python -m bench.feature_cache` on {machine()}.",
         f"Data: hymenoptera (245 train, 153 val), backbone `{backbone}` (random init: the "
-        f"speed is the same as pretrained), batch 32, {epochs} epochs, {workers} workers.",
+        f"speed is the same as pretrained), batch 32, {epochs} epochs, {workers} workers; all "
+        "three in one process, so the baseline gets the thread placement tlreg sets (1 "
+        "intra-op thread beside 2 workers, the faster setting on 2 cores).",
         "",
         "| run | seconds | speed-up vs recompute | val accuracy |",
         "| --- | ---: | ---: | ---: |",
