@@ -304,7 +304,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(ants: Path, tmp_path: Pa
     from tlreg.checkpoint import read_checkpoint
 
     cfg = tiny(ants, tmp_path / "killed", policy="finetune", epochs=4, augment=True, workers=2,
-               batch_size=4, lr=0.01)
+               batch_size=4, lr=0.01, decoded_cache="off")  # the DataLoader-worker path
     reference = fit(cfg.replace(out=str(tmp_path / "reference")))
     config_file = tmp_path / "cfg.yaml"
     config_file.write_text(cfg.to_yaml())

@@ -53,7 +53,7 @@ class TrainConfig:
     augment: bool | None = None
     cache: bool = True
     cache_dir: str | None = None
-    decoded_cache: str = "off"
+    decoded_cache: str = "auto"  # auto: memory when the backbone trains and it fits
     decoded_cache_gb: float = 4.0
     device: str = "auto"
     precision: str = "auto"
@@ -70,7 +70,7 @@ class TrainConfig:
         _choice("solver", self.solver, SOLVERS)
         _choice("precision", self.precision, PRECISIONS)
         _choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
-        _choice("decoded_cache", self.decoded_cache, ("off", "memory", "disk"))
+        _choice("decoded_cache", self.decoded_cache, ("auto", "off", "memory", "disk"))
         if self.epochs < 1:
             raise UsageError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:

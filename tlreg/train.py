@@ -448,15 +448,18 @@ class Trainer:
 
         cfg = self.config
         self.decoded_train = self.decoded_val = None
-        if cfg.decoded_cache == "off":
+        # Only the image path gets here: the backbone trains (or --augment is on), so decoding
+        # every epoch is the cost to avoid; `auto` (the default) keeps it in memory.
+        mode = "memory" if cfg.decoded_cache == "auto" else cfg.decoded_cache
+        if mode == "off":
             return
         budget = int(cfg.decoded_cache_gb * 2**30)
         t0 = time.perf_counter()
-        train = decode_all(data.train, self.data_config, mode=cfg.decoded_cache,
+        train = decode_all(data.train, self.data_config, mode=mode,
                            workers=cfg.workers, max_bytes=budget, cache_dir=cfg.cache_dir)
         val = None
         if train is not None:
-            val = decode_all(data.val, self.data_config, mode=cfg.decoded_cache,
+            val = decode_all(data.val, self.data_config, mode=mode,
                              workers=cfg.workers, max_bytes=budget, cache_dir=cfg.cache_dir)
         if train is None or val is None:
             return
@@ -468,7 +471,7 @@ class Trainer:
             self.data_config)
         self.eval_batch_tf = BatchEval(self.data_config)
         _say(cfg, f"decoded {len(data.train) + len(data.val)} images once "
-                  f"in {time.perf_counter() - t0:.1f}s ({cfg.decoded_cache})")
+                  f"in {time.perf_counter() - t0:.1f}s ({mode})")
 
     def _batches(self, samples: tuple[Sample, ...], *, train: bool, seed: int,
                  epoch: int = 0) -> tuple[int, Iterator[tuple[torch.Tensor, torch.Tensor,

@@ -95,7 +95,9 @@ def train(
     ),
     cache_dir: str | None = typer.Option(None, "--cache-dir"),
     decoded_cache: str | None = typer.Option(
-        None, "--decoded-cache", help="Decode images once: off, memory or disk."
+        None,
+        "--decoded-cache",
+        help="Decode images once: auto (memory when the backbone trains), off, memory, disk.",
     ),
     decoded_cache_gb: float | None = typer.Option(
         None, "--decoded-cache-gb", help="Budget for the decoded-image cache (GiB)."
