@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -50,3 +51,18 @@ def hymenoptera_subset(root: Path, per_class: int = 8, val_per_class: int = 4,
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def count_backbone_images(monkeypatch: Any) -> list[int]:
+    """Record the batch size of every backbone pass (`TransferModel.forward_features`)."""
+    from tlreg.model import TransferModel
+
+    seen: list[int] = []
+    original = TransferModel.forward_features
+
+    def counting(self: TransferModel, x: Any) -> Any:
+        seen.append(x.shape[0])
+        return original(self, x)
+
+    monkeypatch.setattr(TransferModel, "forward_features", counting)
+    return seen

@@ -18,12 +18,11 @@ from typing import Any
 
 import pytest
 import torch
-from images import colour_folder
+from images import colour_folder, count_backbone_images
 
 from tlreg import distributed
 from tlreg.checkpoint import read_checkpoint
 from tlreg.errors import UsageError
-from tlreg.model import TransferModel
 from tlreg.train import fit
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available()
@@ -243,14 +242,7 @@ def test_feature_cache_under_ddp(data: Path, ref_features: Path, worker: Path, t
     assert json.loads((out / "summary.json").read_text())["feature_cache"] is True
     assert max_diff(out, ref_features) < TOL
     # Rank 0 wrote a complete cache: one process now computes nothing and trains the same head.
-    seen: list[int] = []
-    original = TransferModel.forward_features
-
-    def counting(self: TransferModel, x: torch.Tensor) -> torch.Tensor:
-        seen.append(x.shape[0])
-        return original(self, x)
-
-    monkeypatch.setattr(TransferModel, "forward_features", counting)
+    seen = count_backbone_images(monkeypatch)
     again = tmp_path / "again"
     fit(data=str(data), out=str(again), batch_size=8, **opts)
     assert seen == []

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from images import HYMENOPTERA, colour_folder, hymenoptera_subset
+from images import HYMENOPTERA, colour_folder, count_backbone_images, hymenoptera_subset
 from PIL import Image
 
 import tlreg
@@ -140,14 +140,7 @@ def test_feature_cache_computes_each_image_once(colours: Path, tmp_path: Path,
     import shutil
 
     shutil.copytree(colours, data)
-    seen: list[int] = []
-    original = TransferModel.forward_features
-
-    def counting(self: TransferModel, x: torch.Tensor) -> torch.Tensor:
-        seen.append(x.shape[0])
-        return original(self, x)
-
-    monkeypatch.setattr(TransferModel, "forward_features", counting)
+    seen = count_backbone_images(monkeypatch)
     first = fit(tiny(data, tmp_path / "a"))
     assert sum(seen) == 36  # 24 train + 12 val, once each, although 3 epochs ran
     seen.clear()
