@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tlreg.checkpoint import load_run_model
+from tlreg.checkpoint import _tuples, load_run_model
 from tlreg.errors import PluginError, TlregError, UnknownNameError, UsageError
 
 if TYPE_CHECKING:
@@ -690,10 +690,7 @@ def _backbone_spec(bb: Mapping[str, Any]) -> Any:
 
 
 def _data_config_from_json(saved: Mapping[str, Any], default: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(default)
-    for key, value in saved.items():
-        out[key] = tuple(value) if isinstance(value, list) else value
-    return out
+    return {**default, **_tuples(saved)}
 
 
 def _load_strict(module: nn.Module, tensors: Mapping[str, Tensor], what: str,

@@ -335,7 +335,8 @@ class Trainer:
         if cfg.cache:
             from tlreg.backbones import weights_sha256
 
-            sha = weights_sha256(self.model.backbone.state_dict())
+            # The backbone is frozen here: its pretrained hash, taken at the start, still holds.
+            sha = self.pretrained_sha256 or weights_sha256(self.model.backbone.state_dict())
             key = FeatureKey.of(cfg.backbone, sha, self.data_config,
                                 build_transform(self.data_config, train=False))
             cache = FeatureCache(cache_root(cfg.cache_dir), key)
