@@ -56,6 +56,39 @@ def test_augmentation_depends_on_seed_and_index_only(photos: Path) -> None:
     assert torch.isfinite(whole).all()
 
 
+def _augment_step_by_step(img: torch.Tensor, idx: int, seed: int) -> torch.Tensor:
+    """The augmentation written plainly, one operation at a time (the folded matrix's spec)."""
+    import torch.nn.functional as F
+
+    from tlreg.decoded import _params
+
+    top, left, h, w, flip, jit = _params(seed, idx, img.shape[1], img.shape[2],
+                                         (0.08, 1.0), (3 / 4, 4 / 3))
+    x = F.interpolate(img[None, :, top:top + h, left:left + w], size=(56, 56),
+                      mode="bilinear", align_corners=False, antialias=True)[0].float()
+    x = x.flip(-1) if flip else x
+    b, c, s = (torch.tensor(jit) * 0.8 + 0.6).tolist()
+    grey_weights = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+    x = x * b
+    m = (x * grey_weights).sum(0).mean()
+    x = (x - m) * c + m
+    g = (x * grey_weights).sum(0, keepdim=True)
+    x = ((x - g) * s + g).clamp(0, 255) / 255
+    return (x - torch.tensor(CFG["mean"]).view(3, 1, 1)) / torch.tensor(CFG["std"]).view(3, 1, 1)
+
+
+def test_folded_colour_jitter_equals_the_operations_one_by_one(photos: Path) -> None:
+    decoded = decode_all(_samples(photos), CFG, mode="memory", workers=0, max_bytes=2**30)
+    assert decoded is not None
+    imgs = decoded.images
+    batch = BatchAugment(CFG)(imgs, list(range(len(imgs))), seed=11)
+    for i, img in enumerate(imgs):
+        torch.testing.assert_close(batch[i], _augment_step_by_step(img, i, 11),
+                                   atol=1e-4, rtol=1e-4)
+    plain = BatchAugment(CFG, jitter=0.0)(imgs[:1], [0], seed=11)
+    assert plain.min() >= (0 - 0.5) / 0.2 - 1e-6 and plain.max() <= (1 - 0.3) / 0.3 + 1e-6
+
+
 def test_disk_cache_is_reused_and_matches_memory(photos: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     samples = _samples(photos)
