@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -319,3 +320,22 @@ def test_resume_after_sigkill_matches_uninterrupted_run(ants: Path, tmp_path: Pa
     assert ref_tensors.keys() == got_tensors.keys()
     for k in ref_tensors:
         assert torch.equal(ref_tensors[k], got_tensors[k]), k
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")),
+                    reason="torch.compile's CPU backend needs a C++ compiler")
+def test_compile_trains_the_same_model_and_reports_its_compile_time(colours: Path,
+                                                                    tmp_path: Path) -> None:
+    # 24 training images in batches of 8: one shape, so exactly one compilation
+    kw = dict(policy="finetune", epochs=1, decoded_cache="memory")
+    eager = fit(tiny(colours, tmp_path / "eager", **kw))
+    compiled = fit(tiny(colours, tmp_path / "compiled", compile=True, **kw))
+    first = compiled.history[0]
+    assert 0 < first["compile_seconds"] < first["seconds"]
+    assert compiled.summary["compile_seconds"] == first["compile_seconds"]
+    assert "compile_seconds" not in eager.summary and "compile_seconds" not in eager.history[0]
+    saved = json.loads((tmp_path / "compiled" / "history.json").read_text())
+    assert saved[0]["compile_seconds"] == first["compile_seconds"]
+    for (name, a), b in zip(eager.model.state_dict().items(),
+                            compiled.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=name)
