@@ -54,15 +54,23 @@ def copy_tree(src: Path, dst: Path) -> Path:
 
 
 def count_backbone_images(monkeypatch: Any) -> list[int]:
-    """Record the batch size of every backbone pass (`TransferModel.forward_features`)."""
+    """Record the batch size of every backbone pass: `TransferModel.forward_features` and the
+    feature pass's `inference_features()` copy."""
     from tlreg.model import TransferModel
 
     seen: list[int] = []
     original = TransferModel.forward_features
+    original_inference = TransferModel.inference_features
 
     def counting(self: TransferModel, x: Any) -> Any:
         seen.append(x.shape[0])
         return original(self, x)
 
+    def counting_inference(self: TransferModel) -> Any:
+        extract = original_inference(self)
+        extract.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[0]))
+        return extract
+
     monkeypatch.setattr(TransferModel, "forward_features", counting)
+    monkeypatch.setattr(TransferModel, "inference_features", counting_inference)
     return seen

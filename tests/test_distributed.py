@@ -76,14 +76,23 @@ if os.environ.get("T_RAISE_RANK") == rank:  # an exception on one rank in epoch 
 if os.environ.get("T_COUNT"):  # images this rank ran through the backbone
     from tlreg.model import TransferModel
 
-    features = TransferModel.forward_features
+    features, inference = TransferModel.forward_features, TransferModel.inference_features
+
+    def count(n):
+        with Path(os.environ["T_COUNT"], f"rank{rank}").open("a") as f:
+            f.write(f"{n}\n")
 
     def counting(self, x):
-        with Path(os.environ["T_COUNT"], f"rank{rank}").open("a") as f:
-            f.write(f"{x.shape[0]}\n")
+        count(x.shape[0])
         return features(self, x)
 
+    def counting_inference(self):
+        extract = inference(self)
+        extract.register_forward_pre_hook(lambda _, args: count(args[0].shape[0]))
+        return extract
+
     TransferModel.forward_features = counting
+    TransferModel.inference_features = counting_inference
 from tlreg.cli import main
 
 main(sys.argv[1:])

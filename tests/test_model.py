@@ -349,6 +349,30 @@ def test_vit_and_cnn_pooled_features(built):
             assert model.forward_features(torch.randn(2, 3, 160, 160)).shape == (2, width)
 
 
+@pytest.mark.parametrize("name", ["timm:test_resnet", "timm:test_efficientnet",
+                                  "timm:test_vit"])
+def test_inference_features_fold_batchnorm_and_match_forward_features(name: str) -> None:
+    torch.manual_seed(0)
+    model = tlreg.create_model(name, 2, pretrained=False)
+    for m in model.modules():  # non-trivial statistics, so a wrong fold would show
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    extract = model.inference_features()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(extract(x), model.forward_features(x), atol=1e-5, rtol=1e-5)
+    convs = [m for m in extract.modules() if isinstance(m, nn.Conv2d)]
+    bns = [m for m in extract.modules() if type(m) is nn.BatchNorm2d]
+    if name == "timm:test_resnet":  # plain Conv2d + BatchNorm2d pairs: every one folded
+        assert convs and not bns and all(c.bias is not None for c in convs)
+    for k, v in model.state_dict().items():  # the model itself is untouched
+        assert torch.equal(v, before[k]), k
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == (name != "timm:test_vit")
+
+
 # -- weights -----------------------------------------------------------------------------------
 
 

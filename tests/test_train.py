@@ -339,3 +339,90 @@ def test_compile_trains_the_same_model_and_reports_its_compile_time(colours: Pat
     for (name, a), b in zip(eager.model.state_dict().items(),
                             compiled.model.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    import tlreg.decoded
+
+    calls: list[int] = []
+    real = tlreg.decoded.decode_all
+
+    def counting(samples: list, *args: object, **kwargs: object) -> object:
+        calls.append(len(samples))
+        return real(samples, *args, **kwargs)
+
+    monkeypatch.setattr(tlreg.decoded, "decode_all", counting)
+    return calls
+
+
+def test_cpu_feature_pass_decodes_first_and_feeds_the_backbone_the_same_inputs(
+        ants: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _count_decodes(monkeypatch)
+    inputs: list[torch.Tensor] = []
+    original = TransferModel.inference_features
+
+    def recording(self: TransferModel) -> torch.nn.Module:
+        extract = original(self)
+        extract.register_forward_pre_hook(lambda _, args: inputs.append(args[0].clone()))
+        return extract
+
+    monkeypatch.setattr(TransferModel, "inference_features", recording)
+    decoded = fit(tiny(ants, tmp_path / "decoded", cache=False))
+    assert calls == [16, 8]  # train, then val: each decoded once, before any forward pass
+    from_decoded, inputs[:] = list(inputs), []
+    loader = fit(tiny(ants, tmp_path / "loader", cache=False, decoded_cache="off"))
+    assert calls == [16, 8]
+    assert len(from_decoded) == len(inputs) == 2 + 1  # batches of 8
+    for a, b in zip(from_decoded, inputs, strict=True):
+        assert torch.equal(a, b), "the decoded path changed the backbone's input"
+    torch.testing.assert_close(decoded.model.head.state_dict(), loader.model.head.state_dict(),
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_decoded_cache_is_off_for_crop_modes_it_cannot_reproduce(
+        colours: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import tlreg.train
+
+    real = tlreg.train._data_config
+    monkeypatch.setattr(tlreg.train, "_data_config",
+                        lambda model, size: {**real(model, size), "crop_mode": "squash"})
+    calls = _count_decodes(monkeypatch)
+    fit(tiny(colours, tmp_path / "ft", policy="finetune", epochs=1, decoded_cache="memory",
+             quiet=False))
+    fit(tiny(colours, tmp_path / "fe", epochs=1))
+    assert calls == []
+    assert "--decoded-cache memory is off for crop_mode 'squash'" in capsys.readouterr().out
+
+
+def test_frozen_backbone_is_written_once_and_linked_into_each_checkpoint(
+        colours: Path, tmp_path: Path) -> None:
+    from tlreg.checkpoint import load_run_model, read_checkpoint
+    from tlreg.train import Interrupted
+
+    def stop_after_two(trainer: object, epoch: int) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    cfg = tiny(colours, tmp_path / "run", epochs=4, lr=0.05)
+    with pytest.raises(Interrupted):
+        fit(cfg, callbacks=[stop_after_two])
+    resumed = fit(resume=tmp_path / "run")
+    fit(cfg.replace(out=str(tmp_path / "reference")))
+    ckpts = tmp_path / "run" / "checkpoints"
+    shared = (ckpts / "frozen.safetensors").stat()
+    for name in ("best", "last"):
+        linked = (ckpts / name / "frozen.safetensors").stat()
+        assert (linked.st_ino, linked.st_dev) == (shared.st_ino, shared.st_dev)
+        tensors, _, _ = read_checkpoint(ckpts / name)
+        assert any(k.startswith("backbone.") for k in tensors)
+    from safetensors.torch import load_file
+
+    assert all(k.startswith("head.") for k in load_file(ckpts / "last" / "model.safetensors"))
+    got, _, _ = read_checkpoint(ckpts / "last")
+    want, _, _ = read_checkpoint(tmp_path / "reference" / "checkpoints" / "last")
+    assert got.keys() == want.keys() == resumed.model.state_dict().keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    model = load_run_model(tmp_path / "run", "last")
+    assert torch.equal(model.state_dict()["head.0.weight"], want["head.0.weight"])

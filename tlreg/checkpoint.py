@@ -1,9 +1,12 @@
 """Run directories and checkpoints, written atomically.
 
-A checkpoint is a directory holding `model.safetensors` (the full TransferModel state dict),
-optionally `train_state.safetensors` (optimizer and RNG tensors) and `state.json` (everything
-else). It is written beside its final place and swapped in with renames, so a reader never sees
-a half-written pair: after a crash, either the old or the new checkpoint is there whole.
+A checkpoint is a directory holding `model.safetensors` (the TransferModel state dict),
+optionally `frozen.safetensors` (tensors that cannot change during the run, such as a backbone
+that stays frozen: a hard link to one file written once per run, so an epoch does not rewrite
+them; `model.safetensors` then holds the rest), optionally `train_state.safetensors` (optimizer
+and RNG tensors) and `state.json` (everything else). It is written beside its final place and
+swapped in with renames, so a reader never sees a half-written pair: after a crash, either the
+old or the new checkpoint is there whole. Each checkpoint directory is complete on its own.
 
 Run directory layout::
 
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
 
 MODEL_FILE = "model.safetensors"
 TRAIN_STATE_FILE = "train_state.safetensors"
+FROZEN_FILE = "frozen.safetensors"
 STATE_FILE = "state.json"
 MODEL_JSON = "model.json"
 
@@ -62,9 +66,30 @@ def _jsonable(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def save_tensors(path: Path, tensors: Mapping[str, Tensor]) -> None:
+    """One safetensors file, written atomically (aside, then `os.replace`)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def save_checkpoint(path: Path, model_state: Mapping[str, Tensor], state: Mapping[str, Any],
-                    train_state: Mapping[str, Tensor] | None = None) -> None:
-    """Write a checkpoint directory as one unit (write aside, then swap with renames)."""
+                    train_state: Mapping[str, Tensor] | None = None,
+                    frozen: Path | None = None) -> None:
+    """Write a checkpoint directory as one unit (write aside, then swap with renames).
+
+    `frozen`: a safetensors file (from `save_tensors`) holding tensors left out of
+    `model_state`; it is hard-linked in (copied where links are not supported).
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -73,6 +98,11 @@ def save_checkpoint(path: Path, model_state: Mapping[str, Tensor], state: Mappin
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()},
                   tmp / MODEL_FILE)
+        if frozen is not None:
+            try:
+                os.link(frozen, tmp / FROZEN_FILE)
+            except OSError:
+                shutil.copyfile(frozen, tmp / FROZEN_FILE)
         if train_state is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in train_state.items()},
                       tmp / TRAIN_STATE_FILE)
@@ -117,9 +147,11 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any],
     if found is None:
         raise UsageError(f"no checkpoint at {path}")
     state = json.loads((found / STATE_FILE).read_text(encoding="utf-8"))
+    tensors = load_file(found / MODEL_FILE)
+    if (found / FROZEN_FILE).is_file():
+        tensors.update(load_file(found / FROZEN_FILE))
     train = found / TRAIN_STATE_FILE
-    return (load_file(found / MODEL_FILE), state,
-            load_file(train) if train.is_file() else None)
+    return tensors, state, load_file(train) if train.is_file() else None
 
 
 def _tuples(d: Mapping[str, Any]) -> dict[str, Any]:
