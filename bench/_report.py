@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = ROOT / "docs" / "benchmarks.md"
@@ -13,31 +16,51 @@ SHARED = ROOT.parent / "shared"
 HYMENOPTERA = SHARED / "data" / "hymenoptera_data"
 
 
-def machine() -> str:
-    """CPU model, cores, and the versions that matter, for a benchmark's header line."""
-    import os
+def environment() -> dict[str, Any]:
+    from importlib import metadata
 
-    import timm
-    import torch
-
-    cpu = platform.processor() or "unknown CPU"
-    try:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                                capture_output=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    from tlreg import __version__
+    versions = {"python": platform.python_version()}
+    for dist in ("torch", "torchvision", "timm", "pillow", "tlreg", "tlreg-efficientnet-lite"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
 
-    return (f"{cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, "
-            f"torch {torch.__version__}, timm {timm.__version__}, tlreg {__version__}, "
-            f"commit {commit}")
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True,
+                                  text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "gpu": _gpu(), "versions": versions, "commit": git("rev-parse", "HEAD") or None,
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+    }
+
+
+def _gpu() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def machine() -> str:
+    """CPU model, cores, and the versions that matter, for a benchmark's header line."""
+    env = environment()
+    v = env["versions"]
+    return (f"{env['cpu']}, {env['cores']} cores; Python {v['python']}, torch {v['torch']}, "
+            f"timm {v['timm']}, tlreg {v['tlreg']}, commit {(env['commit'] or 'unknown')[:7]}")
 
 
 def write_section(name: str, body: str) -> None:
@@ -48,4 +71,6 @@ def write_section(name: str, body: str) -> None:
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else (
         text.rstrip() + "\n\n" + block + "\n")
-    BENCHMARKS_MD.write_text(text)
+    tmp = BENCHMARKS_MD.with_name(f".{BENCHMARKS_MD.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(BENCHMARKS_MD)  # never a half-written page

@@ -31,7 +31,6 @@ import contextlib
 import io
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -44,6 +43,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from bench._report import environment
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "hymenoptera_data"
@@ -509,45 +510,6 @@ def worker(argv: list[str]) -> None:
 
 # -- where and with what it ran -------------------------------------------------------------------
 
-def environment() -> dict[str, Any]:
-    from importlib import metadata
-
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    versions = {"python": platform.python_version()}
-    for dist in ("torch", "torchvision", "timm", "pillow", "tlreg", "tlreg-efficientnet-lite"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True,
-                                  text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "gpu": _gpu(), "versions": versions, "commit": git("rev-parse", "HEAD") or None,
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-    }
-
-
-def _gpu() -> str | None:
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return out.stdout.strip() or None
-
-
 FIGURES: dict[int, Callable[[Settings], dict[str, Any]]] = {
     1: figure1, 2: figure2, 3: figure3, 5: figure5,
 }
@@ -725,6 +687,18 @@ def _ratio_table(runs: list[dict[str, Any]],
                         "status"], rows, text_columns=3)
 
 
+def _stat_rows(runs: list[dict[str, Any]], metrics: list[tuple[str, str]]) -> list[list[str]]:
+    """Per (model, variant): runs counted on the first metric, min / median / max of each
+    metric, peak RSS."""
+    rows = []
+    for model, variant in _variants(runs):
+        rs = _of(runs, model, variant)
+        rows.append([model, variant, str(len(_vals(rs, metrics[0][0]))),
+                     *(_fmt(stats(_vals(rs, key)), spec) for key, spec in metrics),
+                     _mib(stats([r["peak_rss_kb"] for r in rs]))])
+    return rows
+
+
 def render_fig2(d: dict[str, Any]) -> list[str]:
     runs = d["runs"]
     what = ("training phase alone" if d["seconds_key"] == "train_seconds"
@@ -734,12 +708,7 @@ def render_fig2(d: dict[str, Any]) -> list[str]:
            f"epochs after the first, timed over {what}. `classic`: the tutorial's loop (fp32, "
            "NCHW, 4 workers); `handtuned`: channels_last, persistent workers, no per-step "
            "sync.", ""]
-    rows = []
-    for model, variant in _variants(runs):
-        rs = _of(runs, model, variant)
-        rows.append([model, variant, str(len(_vals(rs, "images_per_second"))),
-                     _fmt(stats(_vals(rs, "images_per_second"))),
-                     _mib(stats([r["peak_rss_kb"] for r in rs]))])
+    rows = _stat_rows(runs, [("images_per_second", ".1f")])
     out += _rows_table(["model", "variant", "runs", "images/s (min / median / max)",
                         "peak RSS MiB"], rows)
     lite = {"efficientnet_lite0": 1.5}
@@ -797,13 +766,7 @@ def render_fig5(d: dict[str, Any]) -> list[str]:
            "a `DataLoader` for the folder (the model's head is untrained: same cost). "
            "`import-floor`: `python -c 'import torch, timm, torchvision'` alone. Batched images/s "
            "is marginal: (images - 1) / (batch wall - one-image wall), pair by pair.", ""]
-    rows = []
-    for model, variant in _variants(runs):
-        rs = _of(runs, model, variant)
-        rows.append([model, variant, str(len(_vals(rs, "wall_s"))),
-                     _fmt(stats(_vals(rs, "wall_s")), ".2f"),
-                     _fmt(stats(_vals(rs, "images_per_second"))),
-                     _mib(stats([r["peak_rss_kb"] for r in rs]))])
+    rows = _stat_rows(runs, [("wall_s", ".2f"), ("images_per_second", ".1f")])
     out += _rows_table(["model", "variant", "runs", "wall s (min / median / max)",
                         "images/s", "peak RSS MiB"], rows)
     ratios = _ratio_table(runs, [
