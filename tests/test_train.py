@@ -377,6 +377,14 @@ def test_cpu_feature_pass_decodes_first_and_feeds_the_backbone_the_same_inputs(
         assert torch.equal(a, b), "the decoded path changed the backbone's input"
     torch.testing.assert_close(decoded.model.head.state_dict(), loader.model.head.state_dict(),
                                atol=1e-6, rtol=1e-5)
+    import tlreg.train
+
+    monkeypatch.setattr(tlreg.train, "_DECODE_CHUNK", 5)  # memory stays bounded: 5 at a time
+    calls.clear()
+    chunked = fit(tiny(ants, tmp_path / "chunked", cache=False))
+    assert calls == [5, 5, 5, 1, 5, 3]
+    torch.testing.assert_close(chunked.model.head.state_dict(), loader.model.head.state_dict(),
+                               atol=1e-5, rtol=1e-4)
 
 
 def test_decoded_cache_is_off_for_crop_modes_it_cannot_reproduce(
@@ -426,3 +434,12 @@ def test_frozen_backbone_is_written_once_and_linked_into_each_checkpoint(
         assert torch.equal(got[k], want[k]), k
     model = load_run_model(tmp_path / "run", "last")
     assert torch.equal(model.state_dict()["head.0.weight"], want["head.0.weight"])
+
+
+def test_feature_pass_over_the_decode_budget_uses_the_dataloader(
+        colours: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = count_backbone_images(monkeypatch)
+    with pytest.warns(UserWarning, match="over its budget.*DataLoader instead"):
+        result = fit(tiny(colours, tmp_path / "run", epochs=1, cache=False,
+                          decoded_cache_gb=1e-6))
+    assert sum(seen) == 36 and result.summary["val_accuracy"] is not None

@@ -147,7 +147,7 @@ def decode_all(samples: Sequence[Sample], data_config: dict[str, Any], *, mode: 
     if need > max_bytes:
         warnings.warn(f"decoded-image cache needs about {need / 2**30:.2f} GiB for "
                       f"{len(samples)} images, over its budget of {max_bytes / 2**30:.2f} GiB; "
-                      "decoding every epoch instead (raise --decoded-cache-gb to use it)",
+                      "decoding in the DataLoader instead (raise --decoded-cache-gb to use it)",
                       stacklevel=2)
         return None
     disk_dir = None

@@ -111,6 +111,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+_DECODE_CHUNK = 1024  # images decoded at a time by the CPU feature pass
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     # Each epoch's randomness depends only on (seed, epoch): a resumed run replays it exactly.
     return (seed * 1_000_003 + epoch * 7919 + 17) % 2**63
@@ -300,23 +303,33 @@ class Trainer:
         from tlreg.decoded import BatchEval
 
         transform = build_transform(self.data_config, train=False)
+        to_tensor = BatchEval(self.data_config)
         model, cfg = self.model, self.config
 
+        # CPU: decode a chunk, then run the backbone over it, so memory stays bounded (about
+        # 270 MB of uint8 per chunk at 256 px) whatever the size of the data set
+        chunk = _DECODE_CHUNK if (self.device.type == "cpu"
+                                  and self._decoded_mode() != "off") else None
+
         def batches(subset: list[Sample]) -> Iterator[tuple[torch.Tensor | None, list[int]]]:
-            """(eval-transformed images, positions in `subset` that failed to decode)."""
-            decoded = self._decode_once(subset)
-            if decoded is None:
-                loader = make_loader(subset, transform, batch_size=cfg.batch_size,
-                                     shuffle=False, seed=cfg.seed, workers=cfg.workers,
-                                     pin_memory=self.device.type == "cuda")
-                for batch in loader:
-                    yield (batch.images if len(batch.labels) else None), list(batch.bad)
-                return
-            yield None, decoded.failed
-            ok = [i for i, t in enumerate(decoded.images) if t is not None]
-            to_tensor = BatchEval(self.data_config)
-            for i in range(0, len(ok), cfg.batch_size):
-                yield to_tensor([decoded.images[j] for j in ok[i:i + cfg.batch_size]]), []
+            """(eval-transformed images or None, positions in `subset` that failed to decode)."""
+            step = chunk or max(1, len(subset))
+            for start in range(0, len(subset), step):
+                part = subset[start:start + step]
+                decoded = self._decode_once(part) if chunk else None
+                if decoded is None:
+                    self._set_threads(loader_workers=cfg.workers)
+                    loader = make_loader(part, transform, batch_size=cfg.batch_size,
+                                         shuffle=False, seed=cfg.seed, workers=cfg.workers,
+                                         pin_memory=self.device.type == "cuda")
+                    for batch in loader:
+                        yield ((batch.images if len(batch.labels) else None),
+                               [start + i for i in batch.bad])
+                    continue
+                yield None, [start + i for i in decoded.failed]
+                ok = [i for i, t in enumerate(decoded.images) if t is not None]
+                for i in range(0, len(ok), cfg.batch_size):
+                    yield to_tensor([decoded.images[j] for j in ok[i:i + cfg.batch_size]]), []
 
         def compute(positions: list[int]) -> tuple[torch.Tensor, list[int]]:
             out, failed = [], []
@@ -351,7 +364,7 @@ class Trainer:
         return self._extract
 
     def _decode_once(self, samples: list[Sample]) -> DecodedImages | None:
-        """On the CPU, decode first, then run the backbone on every core; else None.
+        """Decode `samples` before the backbone runs on every core; None over the budget.
 
         Decoding in workers while the forward pass runs forces the trainer to give the forward
         pass fewer threads (OpenMP spin-waits against busy workers); two phases that each use
@@ -362,8 +375,6 @@ class Trainer:
         from tlreg.decoded import decode_all
 
         mode = self._decoded_mode()
-        if self.device.type != "cpu" or mode == "off":
-            return None
         decoded = decode_all(samples, self.data_config, mode=mode, workers=self.config.workers,
                              max_bytes=int(self.config.decoded_cache_gb * 2**30),
                              cache_dir=self.config.cache_dir)
