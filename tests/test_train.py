@@ -400,7 +400,11 @@ def test_decoded_cache_is_off_for_crop_modes_it_cannot_reproduce(
              quiet=False))
     fit(tiny(colours, tmp_path / "fe", epochs=1))
     assert calls == []
-    assert "--decoded-cache memory is off for crop_mode 'squash'" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert said.count("--decoded-cache memory is off for crop_mode 'squash'") == 1
+    fit(tiny(colours, tmp_path / "fe-explicit", epochs=1, decoded_cache="disk", quiet=False))
+    assert calls == []
+    assert capsys.readouterr().out.count("--decoded-cache disk is off for crop_mode") == 1
 
 
 def test_frozen_backbone_is_written_once_and_linked_into_each_checkpoint(

@@ -539,8 +539,9 @@ class Trainer:
         mode = "memory" if self.config.decoded_cache == "auto" else self.config.decoded_cache
         why = unsupported(self.data_config) if mode != "off" else None
         if why is not None:
-            if self.config.decoded_cache != "auto":
+            if self.config.decoded_cache != "auto" and not getattr(self, "_said_off", False):
                 _say(self.config, f"note: --decoded-cache {mode} is off for {why}")
+                self._said_off = True
             return "off"
         return mode
 
