@@ -54,6 +54,9 @@ def test_augmentation_depends_on_seed_and_index_only(photos: Path) -> None:
     assert torch.equal(whole[3], one[0]), "batch composition changed a sample's augmentation"
     assert not torch.equal(aug([imgs[3]], [3], seed=6), one)
     assert torch.isfinite(whole).all()
+    kept = whole.clone()  # reused work buffers never show through a batch already returned
+    aug(imgs[::-1], list(range(len(imgs)))[::-1], seed=7)
+    assert torch.equal(whole, kept)
 
 
 def _augment_step_by_step(img: torch.Tensor, idx: int, seed: int) -> torch.Tensor:
