@@ -16,11 +16,12 @@ Run directory layout::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,19 +40,32 @@ STATE_FILE = "state.json"
 MODEL_JSON = "model.json"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file via a temporary sibling and `os.replace` (never half-written)."""
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary sibling of `path` to write; synced and moved onto `path` when the block
+    ends, removed if it fails, so `path` is never half-written."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file via a temporary sibling and `os.replace` (never half-written)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
@@ -70,16 +84,13 @@ def save_tensors(path: Path, tensors: Mapping[str, Tensor]) -> None:
     """One safetensors file, written atomically (aside, then `os.replace`)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(_plain(tensors), tmp)
+
+
+def _plain(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """What safetensors can write: detached, on the CPU, contiguous."""
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
 def save_checkpoint(path: Path, model_state: Mapping[str, Tensor], state: Mapping[str, Any],
@@ -96,16 +107,14 @@ def save_checkpoint(path: Path, model_state: Mapping[str, Tensor], state: Mappin
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()},
-                  tmp / MODEL_FILE)
+        save_file(_plain(model_state), tmp / MODEL_FILE)
         if frozen is not None:
             try:
                 os.link(frozen, tmp / FROZEN_FILE)
             except OSError:
                 shutil.copyfile(frozen, tmp / FROZEN_FILE)
         if train_state is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in train_state.items()},
-                      tmp / TRAIN_STATE_FILE)
+            save_file(_plain(train_state), tmp / TRAIN_STATE_FILE)
         atomic_write_json(tmp / STATE_FILE, dict(state))
         _fsync_dir(tmp)
         old = path.with_name(f".{path.name}.old")

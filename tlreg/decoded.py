@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tlreg.checkpoint import atomic_write_json
+from tlreg.checkpoint import atomic_path, atomic_write_json
 
 if TYPE_CHECKING:
     import numpy as np
@@ -178,19 +178,18 @@ def _save_disk(folder: Path, decoded: DecodedImages) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     shapes = [list(t.shape) if t is not None else None for t in decoded.images]
     total = sum(int(np.prod(s)) for s in shapes if s)
-    tmp = folder / f".data.{os.getpid()}.tmp"
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(max(total, 1),))
     offset = 0
     offsets = []
-    for t in decoded.images:
-        offsets.append(offset)
-        if t is not None:
-            n = t.numel()
-            arr[offset:offset + n] = t.reshape(-1).numpy()
-            offset += n
-    arr.flush()
-    del arr
-    os.replace(tmp, folder / "data.npy")
+    with atomic_path(folder / "data.npy") as tmp:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(max(total, 1),))
+        for t in decoded.images:
+            offsets.append(offset)
+            if t is not None:
+                n = t.numel()
+                arr[offset:offset + n] = t.reshape(-1).numpy()
+                offset += n
+        arr.flush()
+        del arr
     atomic_write_json(folder / "index.json", {"short_side": decoded.short_side,
                                               "shapes": shapes, "offsets": offsets})
 
