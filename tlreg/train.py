@@ -157,6 +157,8 @@ class Trainer:
         self.best_acc = -1.0
         self.start_epoch = 0
         self.decoded_train = self.decoded_val = None
+        self._extract: torch.nn.Module | None = None  # the feature pass's folded backbone
+        self._said_off = False  # an explicit --decoded-cache that cannot apply, said once
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -306,17 +308,21 @@ class Trainer:
         to_tensor = BatchEval(self.data_config)
         model, cfg = self.model, self.config
 
-        # CPU: decode a chunk, then run the backbone over it, so memory stays bounded (about
-        # 270 MB of uint8 per chunk at 256 px) whatever the size of the data set
-        chunk = _DECODE_CHUNK if (self.device.type == "cpu"
-                                  and self._decoded_mode() != "off") else None
+        # CPU: decode a chunk in the workers, then run the backbone over it on every core.
+        # Decoding while the forward pass runs would leave it fewer threads (OpenMP threads
+        # spin-wait against busy workers); two phases that each use the whole machine made a
+        # 2-core ResNet-18 feature pass 1.5x faster. Chunks bound memory (about 270 MB of uint8
+        # at 256 px); the decoded tensors are the eval transform's exact input, so features and
+        # their cache key are unchanged. On a GPU the loader's overlap with the device wins.
+        mode = self._decoded_mode() if self.device.type == "cpu" else "off"
+        chunk = _DECODE_CHUNK if mode != "off" else None
 
         def batches(subset: list[Sample]) -> Iterator[tuple[torch.Tensor | None, list[int]]]:
             """(eval-transformed images or None, positions in `subset` that failed to decode)."""
             step = chunk or max(1, len(subset))
             for start in range(0, len(subset), step):
                 part = subset[start:start + step]
-                decoded = self._decode_once(part) if chunk else None
+                decoded = self._decode_images(part, mode) if chunk else None
                 if decoded is None:
                     self._set_threads(loader_workers=cfg.workers)
                     loader = make_loader(part, transform, batch_size=cfg.batch_size,
@@ -326,6 +332,7 @@ class Trainer:
                         yield ((batch.images if len(batch.labels) else None),
                                [start + i for i in batch.bad])
                     continue
+                self._set_threads(loader_workers=0)  # no worker decodes beside the backbone
                 yield None, [start + i for i in decoded.failed]
                 ok = [i for i, t in enumerate(decoded.images) if t is not None]
                 for i in range(0, len(ok), cfg.batch_size):
@@ -357,30 +364,19 @@ class Trainer:
         """The frozen backbone with BatchNorm folded in, built once per run."""
         import torch
 
-        if getattr(self, "_extract", None) is None:
+        if self._extract is None:
             self._extract = self.model.inference_features()
             if self.config.channels_last:
                 self._extract.to(memory_format=torch.channels_last)
         return self._extract
 
-    def _decode_once(self, samples: list[Sample]) -> DecodedImages | None:
-        """Decode `samples` before the backbone runs on every core; None over the budget.
-
-        Decoding in workers while the forward pass runs forces the trainer to give the forward
-        pass fewer threads (OpenMP spin-waits against busy workers); two phases that each use
-        the whole machine are faster: 1.5x on a 2-core ResNet-18 feature pass (benchmarks.md).
-        The decoded tensors give the eval transform's exact input, so features and their
-        cache key are unchanged. On a GPU the loader's overlap with the device wins instead.
-        """
+    def _decode_images(self, samples: Sequence[Sample], mode: str) -> DecodedImages | None:
+        """`decode_all` with this run's budget, workers and cache folder; None over budget."""
         from tlreg.decoded import decode_all
 
-        mode = self._decoded_mode()
-        decoded = decode_all(samples, self.data_config, mode=mode, workers=self.config.workers,
-                             max_bytes=int(self.config.decoded_cache_gb * 2**30),
-                             cache_dir=self.config.cache_dir)
-        if decoded is not None:
-            self._set_threads(loader_workers=0)
-        return decoded
+        cfg = self.config
+        return decode_all(samples, self.data_config, mode=mode, workers=cfg.workers,
+                          max_bytes=int(cfg.decoded_cache_gb * 2**30), cache_dir=cfg.cache_dir)
 
     def _fit_features(self, data: DataSplit) -> None:
         import torch
@@ -503,7 +499,7 @@ class Trainer:
 
     def _decode(self, data: DataSplit) -> None:
         """Fill the decoded-image caches (`--decoded-cache`), or leave them None."""
-        from tlreg.decoded import BatchAugment, BatchEval, decode_all
+        from tlreg.decoded import BatchAugment, BatchEval
 
         cfg = self.config
         self.decoded_train = self.decoded_val = None
@@ -512,14 +508,9 @@ class Trainer:
         mode = self._decoded_mode()
         if mode == "off":
             return
-        budget = int(cfg.decoded_cache_gb * 2**30)
         t0 = time.perf_counter()
-        train = decode_all(data.train, self.data_config, mode=mode,
-                           workers=cfg.workers, max_bytes=budget, cache_dir=cfg.cache_dir)
-        val = None
-        if train is not None:
-            val = decode_all(data.val, self.data_config, mode=mode,
-                             workers=cfg.workers, max_bytes=budget, cache_dir=cfg.cache_dir)
+        train = self._decode_images(data.train, mode)
+        val = self._decode_images(data.val, mode) if train is not None else None
         if train is None or val is None:
             return
         self.decoded_train, self.decoded_val = train, val
@@ -539,7 +530,7 @@ class Trainer:
         mode = "memory" if self.config.decoded_cache == "auto" else self.config.decoded_cache
         why = unsupported(self.data_config) if mode != "off" else None
         if why is not None:
-            if self.config.decoded_cache != "auto" and not getattr(self, "_said_off", False):
+            if self.config.decoded_cache != "auto" and not self._said_off:
                 _say(self.config, f"note: --decoded-cache {mode} is off for {why}")
                 self._said_off = True
             return "off"
