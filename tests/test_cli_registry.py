@@ -53,7 +53,7 @@ def test_plugins_json_lists_builtins_under_their_groups(tlreg_cmd):
         "tlreg.backbones": {"resnet18", "resnet50", "efficientnet_b0", "convnext_tiny",
                             "mobilenetv3_large_100", "vit_small_patch16_224"},
         "tlreg.heads": {"linear", "mlp", "cosine"},
-        "tlreg.policies": {"feature-extract", "finetune", "partial", "gradual"},
+        "tlreg.policies": {"auto", "feature-extract", "finetune", "partial", "gradual"},
     }
     row = next(r for r in data["tlreg.heads"] if r["name"] == "mlp")
     assert row == {"name": "mlp", "distribution": "tlreg", "version": tlreg.__version__,

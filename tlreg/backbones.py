@@ -38,7 +38,7 @@ class BackboneSpec:
     weights_sha256: str | None = None  # canonical hash the loaded weights must have, if known
     hub_id: str | None = None  # Hub repo the weights come from, for model cards' base_model
     head: str = "linear"
-    policy: str = "feature-extract"
+    policy: str = "auto"
     lr: float = 1e-3
     layer_decay: float = 0.75
     summary: str = ""

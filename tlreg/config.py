@@ -15,7 +15,7 @@ from typing import Any
 from tlreg.errors import UsageError
 
 SCHEDULERS = ("cosine", "step", "onecycle", "constant")
-SOLVERS = ("sgd", "lbfgs")
+SOLVERS = ("auto", "cv", "sgd", "lbfgs")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LR_SCALINGS = ("none", "linear")
 
@@ -33,7 +33,7 @@ class TrainConfig:
     policy_args: dict[str, Any] = field(default_factory=dict)
     pretrained: bool = True
     weights: str | None = None
-    epochs: int = 10
+    epochs: int | None = None  # None: one CV fit on cached features, or the data-aware rule
     batch_size: int = 32
     optimizer: str = "adamw"  # any torch.optim class, by name (checked when built)
     lr: float | None = None
@@ -43,11 +43,13 @@ class TrainConfig:
     weight_decay: float = 0.01
     momentum: float = 0.9
     scheduler: str = "cosine"
-    warmup_epochs: float = 0.0
+    warmup_epochs: float | None = None
     step_size: int = 7
     gamma: float = 0.1
     label_smoothing: float = 0.0
-    solver: str = "sgd"
+    solver: str = "auto"  # auto: cv when the head fits on cached features and epochs is unset
+    lp_ft: bool = True  # fit the head on frozen features before the backbone trains
+    cv_folds: int = 5
     val_split: float | None = None
     img_size: int | None = None
     augment: bool | None = None
@@ -71,7 +73,7 @@ class TrainConfig:
         _choice("precision", self.precision, PRECISIONS)
         _choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
         _choice("decoded_cache", self.decoded_cache, ("auto", "off", "memory", "disk"))
-        if self.epochs < 1:
+        if self.epochs is not None and self.epochs < 1:
             raise UsageError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise UsageError(f"batch_size must be >= 1, got {self.batch_size}")
@@ -81,6 +83,8 @@ class TrainConfig:
             raise UsageError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         if self.val_split is not None and not 0 < self.val_split < 1:
             raise UsageError(f"val_split must be in (0, 1), got {self.val_split}")
+        if self.cv_folds < 2:
+            raise UsageError(f"cv_folds must be >= 2, got {self.cv_folds}")
         if self.workers < 0:
             raise UsageError(f"workers must be >= 0, got {self.workers}")
 

@@ -133,9 +133,28 @@ class Gradual(StagePolicy):
         return int(self.schedule[_key(self.schedule, max(started))]) if started else 0
 
 
+@dataclass(frozen=True)
+class Auto(StagePolicy):
+    """Chosen by the trainer from the data (`tlreg.auto.decide`); frozen until it decides.
+
+    A model built with `auto` outside a training run acts as a feature extractor. The run
+    replaces it with the policy it chose, which is what its model.json and config.yaml record.
+    """
+
+    name: str = "auto"
+
+    def trainable_count(self, num_stages: int, epoch: int) -> int:
+        return 0
+
+
 def _key(schedule: Mapping[int, int], epoch: int) -> int:
     # YAML and JSON give string keys; accept both.
     return next(k for k in schedule if int(k) == epoch)
+
+
+def auto(frozen_bn: BNRule = "frozen") -> Policy:
+    """Measure the data, then feature-extract or fine-tune part or all of the backbone."""
+    return Auto(frozen_bn=frozen_bn)
 
 
 def feature_extract(frozen_bn: BNRule = "frozen") -> Policy:

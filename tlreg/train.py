@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from tlreg.data import DataSplit, Sample
     from tlreg.decoded import DecodedImages
     from tlreg.model import TransferModel
+    from tlreg.solver import HeadFit
 
 
 class Interrupted(TlregError):
@@ -159,6 +160,11 @@ class Trainer:
         self.decoded_train = self.decoded_val = None
         self._extract: torch.nn.Module | None = None  # the feature pass's folded backbone
         self._said_off = False  # an explicit --decoded-cache that cannot apply, said once
+        self.feature_seconds: float | None = None
+        self.head_fit: HeadFit | None = None  # the CV fit that is the run (--solver cv)
+        self.lp_fit: HeadFit | None = None  # LP-FT's first phase
+        self.decision: Any = None  # what --policy auto chose (tlreg.auto.Decision)
+        self._probe_xy: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -174,9 +180,10 @@ class Trainer:
         from tlreg.registry import get_backbone
 
         cfg = self.config
-        spec = get_backbone(cfg.backbone)
-        cfg = cfg.replace(head=cfg.head or spec.head, policy=cfg.policy or spec.policy,
-                          lr=cfg.lr or spec.lr, layer_decay=cfg.layer_decay or spec.layer_decay)
+        self.spec = get_backbone(cfg.backbone)
+        cfg = cfg.replace(head=cfg.head or self.spec.head, policy=cfg.policy or self.spec.policy,
+                          layer_decay=cfg.layer_decay or self.spec.layer_decay)
+        self.requested = cfg  # what the user asked for; _plan() fills in the rest from it
         if self.resume:
             from tlreg.checkpoint import info_from_dict
 
@@ -189,24 +196,57 @@ class Trainer:
                 policy=cfg.policy, policy_args=cfg.policy_args, pretrained=cfg.pretrained,
                 weights=cfg.weights, label_names=data.classes)
             self.pretrained_sha256 = None
-        model = self.model
-        plans = [model.policy.plan(model.num_stages, e) for e in range(cfg.epochs)]
-        frozen_run = all(p.backbone_frozen for p in plans)
-        augment = cfg.augment if cfg.augment is not None else not frozen_run
-        if augment and frozen_run and cfg.cache:
-            _say(cfg, "note: --augment makes the transforms random, so feature caching is off")
-        if cfg.solver == "lbfgs" and not (frozen_run and not augment):
-            raise UsageError("--solver lbfgs fits a linear head on cached features; it needs a "
-                             "frozen backbone (policy feature-extract) and no --augment")
-        if cfg.solver == "lbfgs" and cfg.head != "linear":
-            raise UsageError(f"--solver lbfgs fits a linear head, not {cfg.head!r}")
-        self.config = cfg.replace(augment=augment)
-        self.use_features = frozen_run and not augment
-        self.data_config = _data_config(model, cfg.img_size)
+        self.data_config = _data_config(self.model, cfg.img_size)
         if cfg.img_size and not self.resume:
             from dataclasses import replace
 
-            model.info = replace(model.info, data_config=self.data_config)
+            self.model.info = replace(self.model.info, data_config=self.data_config)
+        self._plan(len(data.train))
+
+    def _plan(self, train_images: int) -> None:
+        """Features or images, solver, epochs, rate and warm-up, from the policy and the data.
+
+        Called again after `--policy auto` has decided. Values the user set are kept as they
+        are; the rest follow the rules in tlreg.auto (docs/training.md).
+        """
+        from tlreg.auto import finetune_defaults
+
+        cfg, model = self.requested, self.model
+        self.auto = model.policy.name == "auto" and not self.resume
+        horizon = cfg.epochs or 10
+        frozen_run = all(model.policy.plan(model.num_stages, e).backbone_frozen
+                         for e in range(horizon))
+        augment = cfg.augment if cfg.augment is not None else not frozen_run
+        if augment and frozen_run and cfg.cache:
+            _say(cfg, "note: --augment makes the transforms random, so feature caching is off")
+        use_features = frozen_run and not augment
+        solver = cfg.solver
+        if solver == "auto":
+            solver = "cv" if use_features and cfg.epochs is None else "sgd"
+        if solver in ("cv", "lbfgs") and not use_features:
+            raise UsageError(f"--solver {solver} fits the head on cached features; it needs a "
+                             "frozen backbone (policy feature-extract) and no --augment")
+        if solver == "lbfgs" and cfg.head != "linear":
+            raise UsageError(f"--solver lbfgs fits a linear head, not {cfg.head!r}")
+        lr, epochs, warmup = cfg.lr, cfg.epochs, cfg.warmup_epochs
+        self.defaults_rule = None
+        if solver == "cv":
+            epochs = epochs or 1  # one fit to the optimum: it is the whole run
+        elif not frozen_run:
+            rule = finetune_defaults(train_images=train_images,
+                                     global_batch=cfg.batch_size * distributed.planned_world(),
+                                     head_lr=self.spec.lr, probed=cfg.lp_ft,
+                                     epochs=cfg.epochs)
+            self.defaults_rule = rule.record()
+            epochs = epochs or rule.epochs
+            lr = lr or rule.lr
+            if warmup is None:
+                warmup = rule.warmup_epochs if cfg.scheduler in ("cosine", "constant") else 0.0
+        self.config = cfg.replace(augment=augment, solver=solver, epochs=epochs or 10,
+                                  lr=lr or self.spec.lr,
+                                  warmup_epochs=0.0 if warmup is None else warmup)
+        self.use_features = use_features
+        self.frozen_run = frozen_run
 
     def run(self) -> RunResult:
         import torch
@@ -232,6 +272,9 @@ class Trainer:
         self.lr_scale = self.world if cfg.lr_scaling == "linear" else 1
         if cfg.sync_bn and not distributed.convert_sync_batchnorm(model, self.device):
             _say(cfg, "note: --sync-bn changes nothing here (one process, or no BatchNorm)")
+        if not self.resume:
+            self._probe_phase(data)  # --policy auto decides here; LP of LP-FT
+            cfg = self.config
         from tlreg.optim import build_optimizer, build_scheduler
 
         self.optimizer = build_optimizer(
@@ -292,6 +335,89 @@ class Trainer:
             "backend": distributed.backend(), "lr_scaling": self.config.lr_scaling,
             "lr_scale": self.lr_scale,
         })
+
+    # -- the head fitted on frozen features: auto's measurement, LP-FT's first phase ---------
+
+    def _feature_cache(self) -> Any:
+        from tlreg.cache import FeatureCache, FeatureKey, cache_root
+        from tlreg.data import build_transform
+
+        cfg = self.config
+        if not cfg.cache:
+            return None
+        from tlreg.backbones import weights_sha256
+
+        # The backbone is frozen while features are computed: its hash, taken now, holds.
+        sha = self.pretrained_sha256 or weights_sha256(self.model.backbone.state_dict())
+        key = FeatureKey.of(cfg.backbone, sha, self.data_config,
+                            build_transform(self.data_config, train=False))
+        return FeatureCache(cache_root(cfg.cache_dir), key)
+
+    def _fit_head(self, x: torch.Tensor, y: torch.Tensor) -> HeadFit:
+        """The head fitted in place to its CV-chosen optimum on (x, y) (tlreg.solver)."""
+        from tlreg.model import build_head
+        from tlreg.solver import fit_head
+
+        cfg, info = self.config, self.model.info
+        dim = self.model.feature_dim
+
+        def make_head() -> torch.nn.Module:
+            return build_head(info.head, dim, info.num_classes, info.head_args).to(x.device)
+
+        fit = fit_head(self.model.head, make_head, x, y, info.num_classes,
+                       lr=cfg.lr * self.lr_scale, batch=self.global_batch, seed=cfg.seed,
+                       label_smoothing=cfg.label_smoothing, folds=cfg.cv_folds)
+        _say(cfg, f"head fitted on {len(x)} cached features in {fit.seconds:.1f}s: {fit.reason}")
+        return fit
+
+    def _probe_phase(self, data: DataSplit) -> None:
+        """Fit the head on frozen features first, when `auto` must measure or LP-FT is on.
+
+        The linear probe is `--policy auto`'s measure of how close the data are to the
+        pretraining data, and the first phase of LP-FT (Kumar et al. 2022): the backbone then
+        starts training under a head at its optimum, not a random one whose gradients would
+        distort the pretrained features.
+        """
+        cfg = self.config
+        if not (self.auto or (not self.use_features and cfg.lp_ft)):
+            return
+        import torch
+
+        t0 = time.perf_counter()
+        x, y = self._probe_xy = self._features(list(data.train), self._feature_cache())
+        self.feature_seconds = time.perf_counter() - t0
+        initial = {k: v.clone() for k, v in self.model.head.state_dict().items()}
+        fit = self._fit_head(x, y)
+        if self.auto:
+            self._decide(data, torch.bincount(y, minlength=len(data.classes)), fit)
+        if self.use_features and self.config.solver == "cv":
+            self.head_fit = fit  # auto chose feature extraction: this fit is the run's
+        elif self.use_features:  # an SGD run (--epochs given) starts from the usual init
+            self.model.head.load_state_dict(initial)
+        elif self.config.lp_ft:
+            self.lp_fit = fit
+        else:
+            self.model.head.load_state_dict(initial)
+
+    def _decide(self, data: DataSplit, counts: torch.Tensor, fit: HeadFit) -> None:
+        from dataclasses import replace
+
+        from tlreg.auto import decide
+        from tlreg.model import resolve_policy
+
+        model = self.model
+        d = decide(train_images=int(counts.sum()), smallest_class=int(counts.min()),
+                   probe_accuracy=fit.cv_accuracy, num_stages=model.num_stages)
+        args = {**d.policy_args, **{k: v for k, v in self.requested.policy_args.items()
+                                    if k in ("frozen_bn",)}}
+        model.policy = resolve_policy(d.policy, args)
+        model.info = replace(model.info, policy=d.policy, policy_args=args)
+        model.apply_policy(0)
+        self.decision = d
+        self.requested = self.requested.replace(policy=d.policy, policy_args=args)
+        self._plan(len(data.train))
+        self.lr_scale = self.world if self.config.lr_scaling == "linear" else 1
+        _say(self.config, f"policy auto -> {d.reason}")
 
     # -- training on cached features --------------------------------------------------------
 
@@ -381,25 +507,17 @@ class Trainer:
     def _fit_features(self, data: DataSplit) -> None:
         import torch
 
-        from tlreg.cache import FeatureCache, FeatureKey, cache_root
-        from tlreg.data import build_transform
-
         cfg = self.config
-        cache = None
-        if cfg.cache:
-            from tlreg.backbones import weights_sha256
-
-            # The backbone is frozen here: its pretrained hash, taken at the start, still holds.
-            sha = self.pretrained_sha256 or weights_sha256(self.model.backbone.state_dict())
-            key = FeatureKey.of(cfg.backbone, sha, self.data_config,
-                                build_transform(self.data_config, train=False))
-            cache = FeatureCache(cache_root(cfg.cache_dir), key)
+        cache = self._feature_cache()
         t0 = time.perf_counter()
-        x_train, y_train = self._features(list(data.train), cache)
+        x_train, y_train = self._probe_xy or self._features(list(data.train), cache)
         x_val, y_val = self._features(list(data.val), cache)
-        self.feature_seconds = time.perf_counter() - t0
+        self.feature_seconds = time.perf_counter() - t0 + (self.feature_seconds or 0.0)
         _say(cfg, f"features: {len(x_train)} train + {len(x_val)} val images "
                   f"in {self.feature_seconds:.1f}s")
+        if cfg.solver == "cv":
+            self._fit_cv(x_train, y_train, x_val, y_val)
+            return
         head = self.model.head
         loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         for epoch in range(self.start_epoch, cfg.epochs):
@@ -437,6 +555,32 @@ class Trainer:
                 preds = logits.argmax(1).tolist()
             self._end_epoch(epoch, train_loss, train_acc, val_loss, y_val.tolist(), preds,
                             len(x_train), time.perf_counter() - t)
+
+    def _fit_cv(self, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
+                y_val: torch.Tensor) -> None:
+        """The whole run as one 'epoch': the head at its CV-chosen optimum, then evaluated."""
+        import torch
+
+        if self.start_epoch >= 1:
+            return
+        t = time.perf_counter()
+        self.model.apply_policy(0)
+        earlier = 0.0  # a fit made by the probe phase (auto) counts in this epoch's time
+        if self.head_fit is None:
+            self.head_fit = self._fit_head(x_train, y_train)
+        else:
+            earlier = self.head_fit.seconds
+        head = self.model.head
+        head.eval()
+        loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=self.config.label_smoothing)
+        with torch.inference_mode():
+            train_logits, val_logits = head(x_train), head(x_val)
+            train_loss = loss_fn(train_logits, y_train).item()
+            train_acc = (train_logits.argmax(1) == y_train).float().mean().item()
+            val_loss = loss_fn(val_logits, y_val).item() if len(y_val) else float("nan")
+        self._end_epoch(0, train_loss, train_acc, val_loss, y_val.tolist(),
+                        val_logits.argmax(1).tolist(), len(x_train),
+                        time.perf_counter() - t + earlier)
 
     def _lbfgs_epoch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         """One L-BFGS solve step (20 iterations) of L2-regularised logistic regression."""
@@ -817,6 +961,14 @@ class Trainer:
             "feature_seconds": getattr(self, "feature_seconds", None),
             "wall_seconds": wall,
         }
+        if self.head_fit is not None:
+            summary["head_fit"] = self.head_fit.record()
+        if self.lp_fit is not None:
+            summary["linear_probe"] = self.lp_fit.record()
+        if self.decision is not None:
+            summary["policy_auto"] = self.decision.record()
+        if self.defaults_rule is not None and not self.resume:
+            summary["finetune_defaults"] = self.defaults_rule
         if self.config.compile:
             summary["compile_seconds"] = sum(h.get("compile_seconds", 0.0) for h in self.history)
         if self.world > 1:

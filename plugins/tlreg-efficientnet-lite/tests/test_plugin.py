@@ -85,7 +85,7 @@ def test_spec(variant):
     assert spec.weights_sha256 == plugin.WEIGHTS_SHA256[variant]
     assert spec.hub_id == f"timm/tf_efficientnet_lite{variant}.in1k"
     assert timm.models.get_pretrained_cfg(spec.hub_id.removeprefix("timm/")) is not None
-    assert (spec.head, spec.policy) == ("linear", "feature-extract")
+    assert (spec.head, spec.policy) == ("linear", "auto")
     # The loader is a module-level function: picklable, and named in tlreg's errors.
     assert pickle.loads(pickle.dumps(spec.loader)) is spec.loader
     assert spec.loader.__qualname__ == f"load_lite{variant}"
@@ -144,7 +144,7 @@ def test_model_info(lite0):
     assert (info.backbone, info.provider, info.timm_name) == (
         "efficientnet_lite0", DIST, "tf_efficientnet_lite0")
     assert (info.weights_source, info.hub_id) == ("loader", "timm/tf_efficientnet_lite0.in1k")
-    assert (info.head, info.policy, info.num_classes) == ("linear", "feature-extract", 2)
+    assert (info.head, info.policy, info.num_classes) == ("linear", "auto", 2)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -205,7 +205,7 @@ def test_head_is_replaced_and_trains(lite0):
     assert model.backbone.num_classes == 0
     assert not any(k.startswith("classifier.") for k in model.backbone.state_dict())
     assert model.head(torch.zeros(1, 1280)).shape == (1, 2)
-    assert model.num_trainable() == 1280 * 2 + 2  # feature-extract: the head only
+    assert model.num_trainable() == 1280 * 2 + 2  # auto is frozen until a run decides: the head only
 
     x, y = _photos(model), torch.tensor([0, 1])
     backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}

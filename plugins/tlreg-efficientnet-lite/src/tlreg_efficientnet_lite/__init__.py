@@ -69,7 +69,7 @@ def _spec(variant: int, loader: Callable[[], dict[str, Tensor]], size: int,
         # Same Google checkpoint as timm's Hub copy; named for model cards' base_model.
         hub_id=f"timm/tf_efficientnet_lite{variant}.in1k",
         head="linear",
-        policy="feature-extract",
+        policy="auto",
         lr=1e-3,
         layer_decay=0.7,
         summary=(f"EfficientNet-Lite{variant} ({size} px, ImageNet top-1 {top1:.1f}%), "

@@ -1,0 +1,375 @@
+"""Heads fitted to their optimum on cached features, with the regularisation chosen honestly.
+
+When the backbone is frozen, training the head is cheap, so it is fitted to convergence:
+
+* a **linear head** is multinomial logistic regression, a convex problem: full-batch L-BFGS (in
+  float64) on standardised features, with the L2 strength C chosen by stratified k-fold
+  cross-validation on the training features only, warm-started along the regularisation path
+  from strong to weak;
+* **any other head** (mlp, cosine, a plugin's) gets AdamW steps on the cached features, with the
+  step budget and the weight decay chosen by the same folds.
+
+The objective is scikit-learn's (``C * sum of cross-entropies + |W|^2 / 2``, bias not
+penalised), divided by ``C * n`` for conditioning, so C means what it means there. The
+standardisation is folded into the head's first linear layer (``W / s`` and ``b - W mu / s``),
+so the head takes raw features and every artifact keeps working unchanged.
+
+scikit-learn is not used here: it is an optional test dependency, works in NumPy off the device,
+and its folds could not run under torch's determinism and DDP rules; it is the *reference* the
+tests and `bench.accuracy` compare this solver with.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "DEFAULT_CS",
+    "HeadFit",
+    "cv_linear",
+    "cv_steps",
+    "fit_head",
+    "fit_logistic",
+    "logistic_objective",
+    "stratified_folds",
+]
+
+#: The regularisation path, strong to weak: C in 1e-4 .. 1e2, half a decade apart.
+DEFAULT_CS: tuple[float, ...] = tuple(10 ** (e / 2) for e in range(-8, 5))
+#: Weight decays tried for heads that are not linear (AdamW's decoupled decay).
+DEFAULT_WEIGHT_DECAYS: tuple[float, ...] = (1e-4, 1e-2, 1e-1)
+_PATIENCE = 3  # path points past the best CV accuracy before the path stops
+
+
+@dataclass(frozen=True)
+class HeadFit:
+    """What a fit chose and why; `record()` goes into summary.json."""
+
+    method: str  # 'lbfgs-cv' or 'steps-cv'
+    folds: int
+    cv_accuracy: float | None
+    cv_loss: float | None
+    iterations: int
+    seconds: float = 0.0
+    C: float | None = None
+    weight_decay: float | None = None
+    steps: int | None = None
+    standardised: bool = False
+    path: tuple[dict[str, float], ...] = ()
+    reason: str = ""
+    state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def record(self) -> dict[str, Any]:
+        keys = ("method", "folds", "cv_accuracy", "cv_loss", "iterations", "seconds", "C",
+                "weight_decay", "steps", "standardised", "reason")
+        return {k: getattr(self, k) for k in keys} | {"path": list(self.path)}
+
+
+# -- folds and standardisation --------------------------------------------------------------
+
+
+def stratified_folds(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """Fold id (0..k-1) per sample: each class is shuffled (seeded) and dealt round-robin."""
+    gen = torch.Generator().manual_seed(seed)
+    fold = torch.empty(len(labels), dtype=torch.long)
+    offset = 0
+    for c in torch.unique(labels.cpu()).tolist():
+        idx = torch.nonzero(labels.cpu() == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        fold[idx] = (torch.arange(len(idx)) + offset) % k
+        offset += len(idx)  # classes start where the last left off: folds stay balanced
+    return fold
+
+
+def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = x.mean(0)
+    std = x.std(0, unbiased=False)
+    return mean, torch.where(std > 1e-12, std, torch.ones_like(std))  # constant columns: 1
+
+
+# -- the convex problem ---------------------------------------------------------------------
+
+
+def logistic_objective(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                       C: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """scikit-learn's multinomial objective divided by C*n: mean CE + |W|^2 / (2 C n)."""
+    ce = F.cross_entropy(x @ w.T + b, y, label_smoothing=label_smoothing)
+    return ce + w.pow(2).sum() / (2 * C * len(x))
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, *,
+                 label_smoothing: float = 0.0, init: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 max_iter: int = 1000, tol: float = 1e-9) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(W, b, iterations) minimising `logistic_objective` by L-BFGS, in x's dtype and device."""
+    d = x.shape[1]
+    if init is None:
+        theta = torch.zeros(num_classes * (d + 1), dtype=x.dtype, device=x.device)
+    else:
+        theta = torch.cat([init[0].flatten(), init[1]]).to(x)
+    theta.requires_grad_(True)
+    opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_iter, history_size=20,
+                            tolerance_grad=tol, tolerance_change=1e-14,
+                            line_search_fn="strong_wolfe")
+
+    def unpack(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return t[:num_classes * d].view(num_classes, d), t[num_classes * d:]
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = logistic_objective(*unpack(theta), x, y, C, label_smoothing)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    iterations = int(opt.state[theta].get("n_iter", 0)) if theta in opt.state else 0
+    w, b = unpack(theta.detach())
+    return w.clone(), b.clone(), iterations
+
+
+def _scores(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(correct count, summed cross-entropy) on a held-out fold."""
+    return (float((logits.argmax(1) == y).sum()),
+            float(F.cross_entropy(logits, y, reduction="sum")))
+
+
+def _choose(path: Sequence[dict[str, float]], key: str) -> dict[str, float]:
+    """Highest CV accuracy; ties go to the lower CV loss (the smoother score)."""
+    return max(path, key=lambda p: (round(p["cv_accuracy"], 12), -p["cv_loss"]))
+
+
+def _num_folds(y: torch.Tensor, folds: int) -> int:
+    smallest = int(torch.bincount(y).clamp_min(0)[torch.unique(y)].min())
+    return max(0, min(folds, smallest))
+
+
+def _basis(x: torch.Tensor) -> torch.Tensor | None:
+    """An orthonormal basis of x's row space when it is smaller than the feature width.
+
+    The L2-regularised optimum's W lies in the span of the training rows (W = -C sum g_i x_i),
+    so solving on x @ V (n columns instead of d) is exact and n/d times cheaper.
+    """
+    n, d = x.shape
+    if n >= d:
+        return None
+    _, s, vh = torch.linalg.svd(x, full_matrices=False)
+    keep = s > s[0] * 1e-10 if len(s) else s.bool()
+    return vh[keep].T.contiguous()
+
+
+def cv_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
+              Cs: Sequence[float] = DEFAULT_CS, folds: int = 5, seed: int = 0,
+              label_smoothing: float = 0.0) -> HeadFit:
+    """Multinomial logistic regression with C chosen by stratified k-fold CV on (x, y) only.
+
+    Folds are solved in float32 to a gradient of 1e-5 (enough to rank C), the final fit in
+    float64 to 1e-7. Returns the fit on all of (x, y) at the chosen C, standardisation folded
+    in (`state` = {'weight', 'bias'} for raw features).
+    """
+    import time
+
+    t0 = time.perf_counter()
+    x64, y = x.detach().to(torch.float64), y.detach().long()
+    k = _num_folds(y, folds)
+    path: list[dict[str, float]] = []
+    iterations = 0
+    if k >= 2:
+        fold_of = stratified_folds(y, k, seed).to(x.device)
+        parts = []
+        for f in range(k):
+            tr, te = fold_of != f, fold_of == f
+            mean, std = _moments(x64[tr])  # the fold's own statistics: nothing from its test
+            xtr, xte = (x64[tr] - mean) / std, (x64[te] - mean) / std
+            basis = _basis(xtr)
+            if basis is not None:
+                xtr, xte = xtr @ basis, xte @ basis
+            parts.append((xtr.float(), y[tr], xte.float(), y[te]))
+        inits: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * k
+        best_acc, since_best = -1.0, 0
+        for C in Cs:  # strong to weak: each fold starts from its solution at the previous C
+            correct = loss = 0.0
+            for f, (xtr, ytr, xte, yte) in enumerate(parts):
+                w, b, it = fit_logistic(xtr, ytr, num_classes, C, init=inits[f], tol=1e-5,
+                                        max_iter=500, label_smoothing=label_smoothing)
+                inits[f] = (w, b)
+                iterations += it
+                c, s = _scores(xte @ w.T + b, yte)
+                correct, loss = correct + c, loss + s
+            point = {"C": C, "cv_accuracy": correct / len(y), "cv_loss": loss / len(y)}
+            path.append(point)
+            if point["cv_accuracy"] > best_acc + 1e-12:
+                best_acc, since_best = point["cv_accuracy"], 0
+            else:
+                since_best += 1
+                if since_best >= _PATIENCE:  # weaker regularisation only over-fits from here
+                    break
+        chosen = _choose(path, "C")
+        C, reason = chosen["C"], (f"C={chosen['C']:.3g}: best {k}-fold CV accuracy "
+                                  f"{chosen['cv_accuracy']:.4f} of {len(path)} on the path")
+    else:
+        C, chosen = 1.0, {"cv_accuracy": None, "cv_loss": None}
+        reason = "C=1 (scikit-learn's default): a class has fewer than 2 training images, no CV"
+    mean, std = _moments(x64)
+    xs = (x64 - mean) / std
+    basis = _basis(xs)
+    z = xs @ basis if basis is not None else xs
+    w, b, it = fit_logistic(z, y, num_classes, C, init=None, tol=1e-7,
+                            label_smoothing=label_smoothing)
+    iterations += it
+    if basis is not None:
+        w = w @ basis.T
+    weight, bias = w / std, b - (w / std) @ mean  # folded: the head takes raw features
+    return HeadFit(method="lbfgs-cv", folds=k, cv_accuracy=chosen["cv_accuracy"],
+                   cv_loss=chosen["cv_loss"], iterations=iterations, C=C, standardised=True,
+                   path=tuple(path), reason=reason, seconds=time.perf_counter() - t0,
+                   state={"weight": weight.to(x.dtype), "bias": bias.to(x.dtype)})
+
+
+# -- heads that are not linear ---------------------------------------------------------------
+
+
+def _first_linear(head: nn.Module) -> nn.Linear | None:
+    """The head's first layer when it is a Linear (after dropouts): where a fold is exact."""
+    for module in head.modules() if isinstance(head, nn.Sequential) else [head]:
+        if isinstance(module, nn.Sequential):
+            continue
+        if isinstance(module, (nn.Dropout, nn.Identity)):
+            continue
+        return module if isinstance(module, nn.Linear) else None
+    return None
+
+
+def _train_steps(head: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float, wd: float,
+                 steps: int, batch: int, seed: int, label_smoothing: float,
+                 at: Sequence[int] = (), on: Callable[[int], None] | None = None) -> None:
+    """AdamW at a constant rate, seeded minibatches; `on(step)` at each step in `at`."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=lr,
+                            weight_decay=wd)
+    head.train()
+    order = torch.empty(0, dtype=torch.long)
+    marks = set(at)
+    for step in range(1, steps + 1):
+        if len(order) < batch:
+            order = torch.cat([order, torch.randperm(len(x), generator=gen)])
+        idx, order = order[:batch].to(x.device), order[batch:]
+        loss = F.cross_entropy(head(x[idx]), y[idx], label_smoothing=label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step in marks and on is not None:
+            head.eval()
+            with torch.no_grad():
+                on(step)
+            head.train()
+
+
+def cv_steps(make_head: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, *,
+             lr: float, batch: int = 32, folds: int = 5, seed: int = 0,
+             weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
+             max_epochs: int = 32, label_smoothing: float = 0.0) -> HeadFit:
+    """Any head: AdamW steps on cached features, (weight decay, steps) chosen by k-fold CV.
+
+    The budget is `max_epochs` passes over the data (at least 200 steps), checked at 1/8,
+    1/4, 1/2 and all of it; the head is then trained on all of (x, y) with the choice. Up to 3
+    folds: each choice trains a fresh head per fold, which costs more than a convex solve.
+    Features are standardised when the head starts with a Linear layer (folded into it).
+    """
+    import time
+
+    t0 = time.perf_counter()
+    y = y.detach().long()
+    x = x.detach().float()
+    probe = make_head()
+    standardise = _first_linear(probe) is not None
+    per_epoch = max(1, math.ceil(len(x) / batch))
+    total = max(200, max_epochs * per_epoch)
+    marks = sorted({max(1, total // 8), max(1, total // 4), max(1, total // 2), total})
+    k = _num_folds(y, min(folds, 3))
+
+    def scaled(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+        if not standardise:
+            return [train, *others]
+        mean, std = _moments(train)
+        return [(t - mean) / std for t in (train, *others)]
+
+    path: list[dict[str, float]] = []
+    if k >= 2:
+        fold_of = stratified_folds(y, k, seed).to(x.device)
+        for wd in weight_decays:
+            correct = {m: 0.0 for m in marks}
+            loss = {m: 0.0 for m in marks}
+            for f in range(k):
+                tr, te = fold_of != f, fold_of == f
+                xtr, xte = scaled(x[tr], x[te])
+                torch.manual_seed(seed + f)
+                head = make_head().to(x.device)
+
+                def score(step: int, head: nn.Module = head, xte: torch.Tensor = xte,
+                          yte: torch.Tensor = y[te]) -> None:
+                    c, s = _scores(head(xte).float(), yte)
+                    correct[step] += c
+                    loss[step] += s
+
+                _train_steps(head, xtr, y[tr], lr=lr, wd=wd, steps=total, batch=batch,
+                             seed=seed + f, label_smoothing=label_smoothing, at=marks, on=score)
+            path += [{"weight_decay": wd, "steps": m, "cv_accuracy": correct[m] / len(y),
+                      "cv_loss": loss[m] / len(y)} for m in marks]
+        chosen = _choose(path, "steps")
+        wd, steps = chosen["weight_decay"], int(chosen["steps"])
+        reason = (f"weight decay {wd:g}, {steps} steps: best {k}-fold CV accuracy "
+                  f"{chosen['cv_accuracy']:.4f} of {len(path)} choices")
+    else:
+        wd, steps = weight_decays[len(weight_decays) // 2], total
+        chosen = {"cv_accuracy": None, "cv_loss": None}
+        reason = "a class has fewer than 2 training images: no CV, the whole budget"
+    (xs,) = scaled(x)
+    torch.manual_seed(seed)
+    head = make_head().to(x.device)
+    _train_steps(head, xs, y, lr=lr, wd=wd, steps=steps, batch=batch, seed=seed,
+                 label_smoothing=label_smoothing)
+    head.eval()
+    if standardise:
+        mean, std = _moments(x)
+        first = _first_linear(head)
+        assert first is not None
+        with torch.no_grad():
+            first.bias -= (first.weight / std) @ mean
+            first.weight /= std
+    return HeadFit(method="steps-cv", folds=k, cv_accuracy=chosen["cv_accuracy"],
+                   cv_loss=chosen["cv_loss"], iterations=steps, weight_decay=wd, steps=steps,
+                   standardised=standardise, path=tuple(path), reason=reason,
+                   seconds=time.perf_counter() - t0,
+                   state={k: v.detach().clone() for k, v in head.state_dict().items()})
+
+
+def fit_head(head: nn.Module, make_head: Callable[[], nn.Module], x: torch.Tensor,
+             y: torch.Tensor, num_classes: int, *, lr: float, batch: int, seed: int,
+             label_smoothing: float = 0.0, folds: int = 5) -> HeadFit:
+    """Fit `head` in place to its CV-chosen optimum on (x, y); returns what was chosen.
+
+    A head that is a Linear layer (after dropouts) is solved exactly (`cv_linear`); any other
+    gets `cv_steps`, training fresh heads from `make_head`.
+    """
+    linear = _first_linear(head)
+    is_linear = linear is not None and linear.bias is not None and sum(
+        isinstance(m, nn.Linear) for m in head.modules()) == 1 and all(
+        isinstance(m, (nn.Sequential, nn.Dropout, nn.Identity, nn.Linear))
+        for m in head.modules())
+    if is_linear:
+        fit = cv_linear(x, y, num_classes, folds=folds, seed=seed,
+                        label_smoothing=label_smoothing)
+        with torch.no_grad():
+            linear.weight.copy_(fit.state["weight"])
+            linear.bias.copy_(fit.state["bias"])
+        return fit
+    fit = cv_steps(make_head, x, y, lr=lr, batch=batch, folds=folds, seed=seed,
+                   label_smoothing=label_smoothing)
+    head.load_state_dict(fit.state)
+    return fit
