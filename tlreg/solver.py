@@ -45,7 +45,7 @@ __all__ = [
 DEFAULT_CS: tuple[float, ...] = tuple(10 ** (e / 2) for e in range(-8, 5))
 #: Weight decays tried for heads that are not linear (AdamW's decoupled decay).
 DEFAULT_WEIGHT_DECAYS: tuple[float, ...] = (1e-4, 1e-2, 1e-1)
-_PATIENCE = 3  # path points past the best CV accuracy before the path stops
+_PATIENCE = 3  # path points past the best CV accuracy and loss before the path stops
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,7 @@ def cv_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
                 xtr, xte = xtr @ basis, xte @ basis
             parts.append((xtr.float(), y[tr], xte.float(), y[te]))
         inits: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * k
-        best_acc, since_best = -1.0, 0
+        best_acc, best_loss, since_best = -1.0, math.inf, 0
         for C in Cs:  # strong to weak: each fold starts from its solution at the previous C
             correct = loss = 0.0
             for f, (xtr, ytr, xte, yte) in enumerate(parts):
@@ -203,17 +203,18 @@ def cv_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
                 correct, loss = correct + c, loss + s
             point = {"C": C, "cv_accuracy": correct / len(y), "cv_loss": loss / len(y)}
             path.append(point)
-            if point["cv_accuracy"] > best_acc + 1e-12:
-                best_acc, since_best = point["cv_accuracy"], 0
-            else:
-                since_best += 1
-                if since_best >= _PATIENCE:  # weaker regularisation only over-fits from here
-                    break
+            better = (point["cv_accuracy"] > best_acc + 1e-12
+                      or point["cv_loss"] < best_loss - 1e-9)
+            best_acc = max(best_acc, point["cv_accuracy"])
+            best_loss = min(best_loss, point["cv_loss"])
+            since_best = 0 if better else since_best + 1
+            if since_best >= _PATIENCE:  # neither score improves: weaker C only over-fits
+                break
         chosen = _choose(path, "C")
         C, reason = chosen["C"], (f"C={chosen['C']:.3g}: best {k}-fold CV accuracy "
                                   f"{chosen['cv_accuracy']:.4f} of {len(path)} on the path")
     else:
-        C, chosen = 1.0, {"cv_accuracy": None, "cv_loss": None}
+        C, chosen, k = 1.0, {"cv_accuracy": None, "cv_loss": None}, 0
         reason = "C=1 (scikit-learn's default): a class has fewer than 2 training images, no CV"
     mean, std = _moments(x64)
     xs = (x64 - mean) / std
@@ -326,7 +327,7 @@ def cv_steps(make_head: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tenso
         reason = (f"weight decay {wd:g}, {steps} steps: best {k}-fold CV accuracy "
                   f"{chosen['cv_accuracy']:.4f} of {len(path)} choices")
     else:
-        wd, steps = weight_decays[len(weight_decays) // 2], total
+        wd, steps, k = weight_decays[len(weight_decays) // 2], total, 0
         chosen = {"cv_accuracy": None, "cv_loss": None}
         reason = "a class has fewer than 2 training images: no CV, the whole budget"
     (xs,) = scaled(x)
