@@ -244,6 +244,11 @@ def test_auto_decides_records_and_resumes_as_decided(colours: Path, tmp_path: Pa
     saved = TrainConfig.from_yaml(tmp_path / "big" / "config.yaml")
     assert saved.policy == "partial" and saved.augment is True  # it trains: augmented
     assert result.model.num_trainable() > sum(p.numel() for p in result.model.head.parameters())
+    # --resume continues the decided policy and keeps the record of the decision.
+    resumed = fit(resume=tmp_path / "big", epochs=3)
+    assert resumed.summary["epochs"] == 3
+    assert resumed.summary["policy_auto"] == d
+    assert resumed.summary["linear_probe"] == result.summary["linear_probe"]
 
 
 @pytest.mark.parametrize(("n", "smallest", "probe", "want"), [

@@ -334,6 +334,7 @@ class Trainer:
             "world_size": self.world, "global_batch_size": self.global_batch,
             "backend": distributed.backend(), "lr_scaling": self.config.lr_scaling,
             "lr_scale": self.lr_scale,
+            **self._choices(),  # what auto, LP-FT and the defaults chose: kept for --resume
         })
 
     # -- the head fitted on frozen features: auto's measurement, LP-FT's first phase ---------
@@ -961,14 +962,7 @@ class Trainer:
             "feature_seconds": getattr(self, "feature_seconds", None),
             "wall_seconds": wall,
         }
-        if self.head_fit is not None:
-            summary["head_fit"] = self.head_fit.record()
-        if self.lp_fit is not None:
-            summary["linear_probe"] = self.lp_fit.record()
-        if self.decision is not None:
-            summary["policy_auto"] = self.decision.record()
-        if self.defaults_rule is not None and not self.resume:
-            summary["finetune_defaults"] = self.defaults_rule
+        summary.update(self._choices())
         if self.config.compile:
             summary["compile_seconds"] = sum(h.get("compile_seconds", 0.0) for h in self.history)
         if self.world > 1:
@@ -984,6 +978,31 @@ class Trainer:
         if status == "completed":
             distributed.barrier()
         return summary
+
+
+    def _choices(self) -> dict[str, Any]:
+        """What the run chose for the user: the CV fit, the probe, auto's decision, defaults.
+
+        A resumed run made its choices before the interruption; run.json kept them.
+        """
+        if self.resume:
+            try:
+                run = json.loads((self.run_dir / "run.json").read_text())
+            except (OSError, ValueError):
+                run = {}
+            kept = {k: run[k] for k in ("linear_probe", "policy_auto", "finetune_defaults")
+                    if k in run}
+            return kept | ({"head_fit": self.head_fit.record()} if self.head_fit else {})
+        out: dict[str, Any] = {}
+        if self.head_fit is not None:
+            out["head_fit"] = self.head_fit.record()
+        if self.lp_fit is not None:
+            out["linear_probe"] = self.lp_fit.record()
+        if self.decision is not None:
+            out["policy_auto"] = self.decision.record()
+        if self.defaults_rule is not None:
+            out["finetune_defaults"] = self.defaults_rule
+        return out
 
 
 def compile_seconds() -> float:

@@ -49,7 +49,8 @@ def train(
     head: str | None = typer.Option(None, "--head", help="Head name (default: the backbone's)."),
     head_arg: list[str] | None = typer.Option(None, "--head-arg", help="key=value for the head."),
     policy: str | None = typer.Option(
-        None, "--policy", "-p", help="feature-extract, finetune, partial, gradual, ..."
+        None, "--policy", "-p",
+        help="auto (default: measured on the data), feature-extract, finetune, partial, gradual.",
     ),
     policy_arg: list[str] | None = typer.Option(
         None, "--policy-arg", help="key=value for the policy."
@@ -83,7 +84,16 @@ def train(
     gamma: float | None = typer.Option(None, "--gamma"),
     label_smoothing: float | None = typer.Option(None, "--label-smoothing"),
     solver: str | None = typer.Option(
-        None, "--solver", help="sgd (gradient steps) or lbfgs (linear head, cached features)."
+        None, "--solver",
+        help="auto (cv when the head trains alone and --epochs is unset), cv (head fitted to "
+        "its optimum, regularisation by k-fold CV), sgd (--epochs of gradient steps), lbfgs.",
+    ),
+    lp_ft: bool | None = typer.Option(
+        None, "--lp-ft/--no-lp-ft",
+        help="Fit the head on frozen features before the backbone trains (LP-FT; default on).",
+    ),
+    cv_folds: int | None = typer.Option(
+        None, "--cv-folds", help="Folds for choosing the head's regularisation (default 5)."
     ),
     val_split: float | None = typer.Option(None, "--val-split", help="Split DATA/<class> folders."),
     img_size: int | None = typer.Option(None, "--img-size"),
