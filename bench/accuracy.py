@@ -87,7 +87,7 @@ def reference(data: Path, cache: Path, seed: int) -> dict[str, Any]:
     grid.fit(x_train, y_train)
     return {"seed": seed, "val_accuracy": float((grid.predict(x_val) == y_val).mean()),
             "C": float(grid.best_params_["logisticregression__C"]),
-            "val_images": int(len(y_val)), "train_images": int(len(y_train))}
+            "val_images": len(y_val), "train_images": len(y_train)}
 
 
 def run_dataset(name: str, methods: tuple[str, ...], seeds: tuple[int, ...],
@@ -154,6 +154,7 @@ def run(quick: bool = False, data: list[str] | None = None,
 
     try:
         import sklearn  # noqa: F401
+
         from tlreg.registry import get_backbone
 
         get_backbone(BACKBONE)

@@ -638,8 +638,9 @@ def render_fig1(d: dict[str, Any]) -> list[str]:
     out = [f"Feature extraction, {_n(d['epochs'], 'epoch')}, batch 32: `tlreg train --policy "
            "feature-extract` (fresh `TLREG_CACHE_DIR` per run; `tlreg-warm` reruns on the "
            "cache the cold run left; `tlreg-cv`: no `--epochs`, so the default solver fits the "
-           "head by cross-validation, cold cache) vs the tutorial's loop (`classic`). Wall time of the whole "
-           "process from the outside, imports included. Val accuracy: last epoch (best epoch).",
+           "head by cross-validation, cold cache) vs the tutorial's loop (`classic`). Wall "
+           "time of the whole process from the outside, imports included. Val accuracy: last "
+           "epoch (best epoch).",
            ""]
     rows = []
     for model, variant in _variants(runs):

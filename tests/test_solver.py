@@ -233,6 +233,7 @@ def test_auto_decides_records_and_resumes_as_decided(colours: Path, tmp_path: Pa
     assert small.summary["head_fit"]["method"] == "lbfgs-cv"
     # With the size rule lowered and nothing "separated", the same data get fine-tuned.
     monkeypatch.setattr(auto, "MIN_TRAIN_IMAGES", 1)
+    monkeypatch.setattr(auto, "MIN_CLASS_IMAGES", 1)
     monkeypatch.setattr(auto, "SEPARATED", 1.01)
     result = fit(tiny(colours, tmp_path / "big", epochs=2))
     d = result.summary["policy_auto"]
@@ -254,6 +255,7 @@ def test_auto_decides_records_and_resumes_as_decided(colours: Path, tmp_path: Pa
 @pytest.mark.parametrize(("n", "smallest", "probe", "want"), [
     (50, 25, 0.8, "feature-extract"),  # too few images
     (500, 5, 0.8, "feature-extract"),  # a class too small
+    (499, 250, 0.8, "feature-extract"),
     (500, 50, 0.995, "feature-extract"),  # already separated
     (500, 50, None, "feature-extract"),
     (500, 50, 0.95, "partial"),

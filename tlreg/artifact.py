@@ -19,13 +19,12 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tlreg.checkpoint import _tuples, load_run_model
+from tlreg.checkpoint import _tuples, follow_umask, load_run_model, temp_dir
 from tlreg.errors import PluginError, TlregError, UnknownNameError, UsageError
 
 if TYPE_CHECKING:
@@ -298,10 +297,11 @@ def write_folder_atomically(directory: Path, write: Any) -> None:
         raise UsageError(f"{directory} is not empty and is not a tlreg artifact; "
                          f"choose a new folder (nothing was written)")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+    tmp = temp_dir(directory.parent, prefix=f".{directory.name}.tmp-")
     old = directory.with_name(f".{directory.name}.old")
     try:
         write(tmp)
+        follow_umask(tmp)
         if old.exists():
             shutil.rmtree(old)
         if directory.exists():

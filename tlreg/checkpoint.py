@@ -40,6 +40,33 @@ STATE_FILE = "state.json"
 MODEL_JSON = "model.json"
 
 
+def umask_mode(directory: bool = False) -> int:
+    """The mode a plain `open` / `mkdir` would give under the current umask.
+
+    tempfile creates 0600 files and 0700 folders whatever the umask; files tlreg writes
+    through a temporary sibling get this mode instead, so a shared run or artifact folder stays
+    readable to the people the umask allows.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+def temp_dir(parent: Path, prefix: str) -> Path:
+    """`tempfile.mkdtemp` in `parent`, with the umask's mode (see `umask_mode`)."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    os.chmod(tmp, umask_mode(directory=True))
+    return tmp
+
+
+def follow_umask(folder: Path) -> None:
+    """Give every file under `folder` the umask's mode (safetensors writes 0600 files)."""
+    mode = umask_mode()
+    for p in Path(folder).rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, mode)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary sibling of `path` to write; synced and moved onto `path` when the block
@@ -51,6 +78,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, umask_mode())  # after the write: some writers (safetensors) recreate it
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -105,7 +133,7 @@ def save_checkpoint(path: Path, model_state: Mapping[str, Tensor], state: Mappin
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    tmp = temp_dir(path.parent, prefix=f".{path.name}.tmp-")
     try:
         save_file(_plain(model_state), tmp / MODEL_FILE)
         if frozen is not None:
@@ -116,6 +144,7 @@ def save_checkpoint(path: Path, model_state: Mapping[str, Tensor], state: Mappin
         if train_state is not None:
             save_file(_plain(train_state), tmp / TRAIN_STATE_FILE)
         atomic_write_json(tmp / STATE_FILE, dict(state))
+        follow_umask(tmp)
         _fsync_dir(tmp)
         old = path.with_name(f".{path.name}.old")
         if old.exists():

@@ -7,6 +7,8 @@ a run can be repeated exactly with `tlreg train --config RUN/config.yaml`.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,25 +70,17 @@ class TrainConfig:
     quiet: bool = False
 
     def __post_init__(self) -> None:
+        # One validation layer for the CLI, YAML and Python: typed parsing, then ranges.
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _parse(f.name, getattr(self, f.name), f.type))
+        for name, (low, high, closed) in _RANGES.items():
+            _in_range(name, getattr(self, name), low, high, closed)
         _choice("scheduler", self.scheduler, SCHEDULERS)
         _choice("solver", self.solver, SOLVERS)
         _choice("precision", self.precision, PRECISIONS)
         _choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
         _choice("decoded_cache", self.decoded_cache, ("auto", "off", "memory", "disk"))
-        if self.epochs is not None and self.epochs < 1:
-            raise UsageError(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise UsageError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.lr is not None and self.lr <= 0:
-            raise UsageError(f"lr must be > 0, got {self.lr}")
-        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
-            raise UsageError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
-        if self.val_split is not None and not 0 < self.val_split < 1:
-            raise UsageError(f"val_split must be in (0, 1), got {self.val_split}")
-        if self.cv_folds < 2:
-            raise UsageError(f"cv_folds must be >= 2, got {self.cv_folds}")
-        if self.workers < 0:
-            raise UsageError(f"workers must be >= 0, got {self.workers}")
+        check_device(self.device)
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -122,6 +116,98 @@ class TrainConfig:
         import yaml
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# name -> (low, high, closed): the value must lie in [low, high] (closed ends) or (low, high)
+# on the open side given by `closed` ("both", "low", "high", "none"); None is always allowed
+# for the optional fields, meaning "the default".
+_RANGES: dict[str, tuple[float | None, float | None, str]] = {
+    "epochs": (1, None, "both"),
+    "batch_size": (1, None, "both"),
+    "lr": (0, None, "none"),
+    "layer_decay": (0, 1, "high"),
+    "backbone_lr_mult": (0, None, "none"),
+    "min_lr": (0, None, "both"),
+    "weight_decay": (0, None, "both"),
+    "momentum": (0, 1, "low"),
+    "warmup_epochs": (0, None, "both"),
+    "step_size": (1, None, "both"),
+    "gamma": (0, None, "none"),
+    "label_smoothing": (0, 1, "low"),
+    "cv_folds": (2, None, "both"),
+    "val_split": (0, 1, "none"),
+    "img_size": (16, 4096, "both"),
+    "decoded_cache_gb": (0, None, "both"),
+    "workers": (0, None, "both"),
+    "seed": (0, None, "both"),
+}
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_device(device: str) -> None:
+    if not _DEVICE.match(device):
+        raise UsageError(f"device must be auto, cpu, cuda, cuda:N or mps; got {device!r}")
+
+
+def _parse(name: str, value: Any, annotation: Any) -> Any:
+    """`value` as the field's type: '1e-3' is a float, '10' an int, 'ten' an error."""
+    text = str(annotation)
+    optional = "None" in text
+    if value is None:
+        if optional:
+            return None
+        raise UsageError(f"{name} needs a value")
+    kind = text.replace("| None", "").strip()
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+                return value.strip().lower() in _TRUE
+            raise ValueError
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            return int(value) if isinstance(value, int) else int(str(value).strip())
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value.strip() if isinstance(value, str) else value)
+            if out != out or out in (float("inf"), float("-inf")):
+                raise ValueError
+            return out
+        if kind == "str":
+            if isinstance(value, os.PathLike):  # Path objects from Python
+                return os.fspath(value)
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+        if kind.startswith("dict"):
+            if not isinstance(value, Mapping):
+                raise ValueError
+            return dict(value)
+    except (TypeError, ValueError):
+        word = {"int": "an integer", "float": "a number", "bool": "true or false",
+                "str": "a string"}.get(kind, "a mapping of key: value")
+        raise UsageError(f"{name} must be {word}, got {value!r}") from None
+    return value
+
+
+def _in_range(name: str, value: float | None, low: float | None, high: float | None,
+              closed: str) -> None:
+    if value is None:
+        return
+    lo_ok = low is None or (value >= low if closed in ("both", "low") else value > low)
+    hi_ok = high is None or (value <= high if closed in ("both", "high") else value < high)
+    if not (lo_ok and hi_ok):
+        left = "[" if closed in ("both", "low") else "("
+        right = "]" if closed in ("both", "high") else ")"
+        span = (f">= {low}" if closed in ("both", "low") else f"> {low}") if high is None \
+            else f"in {left}{low}, {high}{right}"
+        raise UsageError(f"{name} must be {span}, got {value}")
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:

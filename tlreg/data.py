@@ -41,9 +41,10 @@ class DataSplit:
 
 
 def _images(folder: Path) -> list[Path]:
+    """Image files under `folder`; hidden files and anything in a hidden folder are skipped."""
     return sorted(p for p in folder.rglob("*")
                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                  and not p.name.startswith("."))
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def _class_dirs(root: Path) -> list[Path]:
@@ -118,12 +119,46 @@ def _split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Samp
     return sorted(train, key=lambda s: s.path), sorted(val, key=lambda s: s.path)
 
 
+#: Decoded images beyond these are skipped (with the usual warning naming the file): PIL only
+#: bounds the pixel count, and a 275-byte 200000x1 PNG is 45 million pixels once its short
+#: side is resized to 224.
+MAX_PIXELS = 64_000_000
+MAX_ASPECT = 20.0
+
+
+class ImageTooLarge(ValueError):
+    """An image whose decoded or resized size would exhaust memory."""
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit grey (microscopy, medical) scaled to 8 bits; `convert` would clip."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(img)
+    if img.mode == "F" and a.size and float(np.nanmax(a)) <= 1.0:
+        a = a * 255.0  # float images in [0, 1]
+    elif img.mode != "F" or (a.size and float(np.nanmax(a)) > 255.0):
+        a = a / 257.0  # 16-bit range 0..65535 -> 0..255
+    return Image.fromarray(np.clip(np.nan_to_num(a), 0, 255).round().astype(np.uint8), "L")
+
+
 def load_rgb(path: str | Path) -> Image.Image:
-    """Decode any still image as RGB: grayscale, CMYK, palette and alpha (over white) included."""
+    """Decode any still image as RGB: grayscale, CMYK, palette and alpha (over white) included.
+
+    High-bit-depth grey images are scaled to 8 bits, not clipped to white; images larger than
+    MAX_PIXELS or more elongated than MAX_ASPECT raise ImageTooLarge before decoding.
+    """
     from PIL import Image
 
     with Image.open(path) as img:
+        w, h = img.size
+        if w * h > MAX_PIXELS or max(w, h) > MAX_ASPECT * max(1, min(w, h)):
+            raise ImageTooLarge(f"{path}: {w}x{h} pixels is too large or elongated to decode "
+                                f"(limits {MAX_PIXELS} pixels, aspect {MAX_ASPECT:g}:1)")
         img.seek(0)  # first frame of a GIF
+        if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+            return _to_8bit(img).convert("RGB")
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             rgba = img.convert("RGBA")
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

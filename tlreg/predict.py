@@ -60,9 +60,21 @@ def _logits(model: TransferModel, files: Sequence[str], batch_size: int,
     return (torch.cat(out) if out else torch.empty(0, model.info.num_classes)), failed
 
 
+def _check_options(batch_size: int, device: str, top_k: int = 1) -> None:
+    """The same checks as training's options, before any image is read."""
+    from tlreg.config import check_device
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise UsageError(f"top_k must be an integer >= 1, got {top_k!r}")
+    check_device(device)
+
+
 def predict(model: TransferModel, inputs: Sequence[str], *, top_k: int = 1,
             batch_size: int = 32, device: str = "cpu") -> list[dict[str, Any]]:
     """Top-k labels and probabilities per image; unreadable files get an `error` entry."""
+    _check_options(batch_size, device, top_k)
     files = expand_inputs(inputs)
     logits, failed = _logits(model, files, batch_size, device)
     probs = logits.softmax(-1)
@@ -89,6 +101,7 @@ def evaluate(model: TransferModel, data_dir: str, *, batch_size: int = 32,
     from tlreg.data import scan_folder
     from tlreg.metrics import classification_report
 
+    _check_options(batch_size, device)
     classes = model.info.label_names
     if not classes:
         raise UsageError("this model has no label names to match class folders against")

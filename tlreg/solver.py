@@ -105,8 +105,9 @@ def logistic_objective(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: tor
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, *,
-                 label_smoothing: float = 0.0, init: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 max_iter: int = 1000, tol: float = 1e-9) -> tuple[torch.Tensor, torch.Tensor, int]:
+                 label_smoothing: float = 0.0,
+                 init: tuple[torch.Tensor, torch.Tensor] | None = None, max_iter: int = 1000,
+                 tol: float = 1e-9) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(W, b, iterations) minimising `logistic_objective` by L-BFGS, in x's dtype and device."""
     d = x.shape[1]
     if init is None:
@@ -313,7 +314,8 @@ def cv_steps(make_head: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tenso
                 head = make_head().to(x.device)
 
                 def score(step: int, head: nn.Module = head, xte: torch.Tensor = xte,
-                          yte: torch.Tensor = y[te]) -> None:
+                          yte: torch.Tensor = y[te], correct: dict[int, float] = correct,
+                          loss: dict[int, float] = loss) -> None:
                     c, s = _scores(head(xte).float(), yte)
                     correct[step] += c
                     loss[step] += s

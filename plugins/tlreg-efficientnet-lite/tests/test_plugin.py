@@ -205,7 +205,7 @@ def test_head_is_replaced_and_trains(lite0):
     assert model.backbone.num_classes == 0
     assert not any(k.startswith("classifier.") for k in model.backbone.state_dict())
     assert model.head(torch.zeros(1, 1280)).shape == (1, 2)
-    assert model.num_trainable() == 1280 * 2 + 2  # auto is frozen until a run decides: the head only
+    assert model.num_trainable() == 1280 * 2 + 2  # auto: frozen until a run decides
 
     x, y = _photos(model), torch.tensor([0, 1])
     backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}

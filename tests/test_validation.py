@@ -1,0 +1,141 @@
+"""Bad input caught before any work: typed options, odd images, hidden folders, file modes."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from images import colour_folder
+from PIL import Image
+
+from tlreg.config import TrainConfig
+from tlreg.data import ImageTooLarge, discover, load_rgb
+from tlreg.errors import UsageError
+
+
+def yaml_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text("data: d\nout: o\n" + text)
+    return path
+
+
+def test_yaml_values_are_parsed_to_their_types(tmp_path: Path) -> None:
+    # PyYAML reads 1e-3 as a string (YAML 1.1 wants a dot); it is still a rate.
+    cfg = TrainConfig.from_yaml(yaml_config(tmp_path, "lr: 1e-3\nepochs: '4'\naugment: 'no'\n"))
+    assert (cfg.lr, cfg.epochs, cfg.augment) == (0.001, 4, False)
+    assert isinstance(cfg.lr, float) and isinstance(cfg.epochs, int)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("epochs: ten", "epochs must be an integer, got 'ten'"),
+    ("epochs: true", "epochs must be an integer, got True"),
+    ("lr: fast", "lr must be a number, got 'fast'"),
+    ("img_size: -5", "img_size must be in [16, 4096], got -5"),
+    ("label_smoothing: 2", "label_smoothing must be in [0, 1), got 2.0"),
+    ("device: tpu", "device must be auto, cpu, cuda, cuda:N or mps; got 'tpu'"),
+    ("momentum: 1.5", "momentum must be in [0, 1), got 1.5"),
+    ("weight_decay: -1", "weight_decay must be >= 0, got -1.0"),
+    ("head_args: [1, 2]", "head_args must be a mapping of key: value, got [1, 2]"),
+    ("cv_folds: 1", "cv_folds must be >= 2, got 1"),
+])
+def test_bad_values_are_one_clear_error(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(UsageError) as err:
+        TrainConfig.from_yaml(yaml_config(tmp_path, text + "\n"))
+    assert str(err.value) == message
+
+
+def test_cli_rejects_a_bad_option_before_creating_anything(tmp_path: Path) -> None:
+    data = colour_folder(tmp_path / "data", per_class=2, val_per_class=1)
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "tlreg", "train", str(data), "--out", str(out),
+                           "--img-size", "-5"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "img_size must be in [16, 4096], got -5" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_predict_options_are_checked(tmp_path: Path) -> None:
+    from tlreg.model import create_model
+    from tlreg.predict import evaluate, predict
+
+    model = create_model("timm:test_resnet", 2, pretrained=False, label_names=("a", "b"))
+    with pytest.raises(UsageError, match="batch_size must be an integer >= 1, got 0"):
+        predict(model, [str(tmp_path)], batch_size=0)
+    with pytest.raises(UsageError, match="top_k must be an integer >= 1, got 0"):
+        predict(model, [str(tmp_path)], top_k=0)
+    with pytest.raises(UsageError, match="device must be"):
+        evaluate(model, str(tmp_path), device="tpu")
+
+
+def test_hidden_folders_are_skipped_at_any_depth(tmp_path: Path) -> None:
+    data = colour_folder(tmp_path / "data", per_class=3, val_per_class=1)
+    for hidden in ("train/red/.thumbs/x.png", "train/red/sub/.cache/y.png", "train/red/.z.png"):
+        path = data / hidden
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(path)
+    (data / "train" / "red" / "sub" / "ok.png").write_bytes(
+        (data / "train" / "red" / "red_000.png").read_bytes())
+    split = discover(data)
+    names = [Path(s.path).relative_to(data).as_posix() for s in split.train]
+    assert not any("/." in n for n in names)
+    assert "train/red/sub/ok.png" in names
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path: Path) -> None:
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    rgb = np.asarray(load_rgb(tmp_path / "ramp16.png"))
+    assert rgb.shape == (32, 32, 3)
+    assert rgb.min() == 0 and rgb.max() == 255
+    assert abs(int(rgb[16, 0, 0]) - 128) <= 2  # mid-grey stays mid-grey (was clipped to white)
+    Image.fromarray((ramp / 65535).astype(np.float32)).save(tmp_path / "ramp.tiff")
+    assert np.asarray(load_rgb(tmp_path / "ramp.tiff")).max() == 255
+
+
+def test_an_image_that_would_explode_in_memory_is_refused(tmp_path: Path) -> None:
+    Image.new("L", (200_000, 1)).save(tmp_path / "line.png")
+    assert (tmp_path / "line.png").stat().st_size < 1000
+    with pytest.raises(ImageTooLarge, match=r"line\.png: 200000x1"):
+        load_rgb(tmp_path / "line.png")
+
+
+def test_training_skips_the_oversized_image_and_names_it(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from tlreg.train import fit
+
+    monkeypatch.setenv("TLREG_CACHE_DIR", str(tmp_path / "cache"))
+    data = colour_folder(tmp_path / "data", per_class=6, val_per_class=2)
+    Image.new("RGB", (20_000, 10)).save(data / "train" / "red" / "line.png")
+    with pytest.warns(UserWarning, match=r"line\.png"):
+        result = fit(data=str(data), out=str(tmp_path / "run"), backbone="timm:test_resnet",
+                     pretrained=False, img_size=32, workers=0, quiet=True, device="cpu",
+                     policy="feature-extract")
+    assert result.summary["skipped"] == [str(data / "train" / "red" / "line.png")]
+
+
+def _modes(root: Path) -> set[tuple[str, int]]:
+    return {("d" if p.is_dir() else "f", stat.S_IMODE(p.stat().st_mode))
+            for p in root.rglob("*") if not p.is_symlink()}
+
+
+def test_created_files_follow_the_umask(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tlreg.artifact import export_run
+    from tlreg.train import fit
+
+    monkeypatch.setenv("TLREG_CACHE_DIR", str(tmp_path / "cache"))
+    data = colour_folder(tmp_path / "data", per_class=4, val_per_class=2)
+    old = os.umask(0o022)
+    try:
+        fit(data=str(data), out=str(tmp_path / "run"), backbone="timm:test_resnet",
+            pretrained=False, img_size=32, workers=0, quiet=True, device="cpu",
+            policy="feature-extract")
+        export_run(tmp_path / "run", tmp_path / "artifact")
+    finally:
+        os.umask(old)
+    for root in (tmp_path / "run", tmp_path / "artifact"):
+        assert _modes(root) <= {("d", 0o755), ("f", 0o644)}, root
