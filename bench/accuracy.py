@@ -171,6 +171,10 @@ def run(quick: bool = False, data: list[str] | None = None,
         RESULTS.mkdir(parents=True, exist_ok=True)
         for name in data or list(_datasets.SOURCES):
             res = run_dataset(name, methods, SEEDS, Path(t))
+            path = RESULTS / f"accuracy-{name}.json"
+            if path.is_file() and set(methods) != set(METHODS):  # keep the methods not rerun
+                kept = json.loads(path.read_text()).get("runs", {})
+                res["runs"] = {**kept, **res["runs"]}
             (RESULTS / f"accuracy-{name}.json").write_text(json.dumps(res, indent=2) + "\n")
             write_section("accuracy-suite", table())
     print(table())

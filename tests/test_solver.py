@@ -69,6 +69,15 @@ def test_lbfgs_reaches_scikit_learns_optimum(C: float) -> None:
     assert ours == pytest.approx(theirs, rel=1e-5)
 
 
+def test_the_hand_written_gradient_vanishes_where_autograd_says_the_optimum_is() -> None:
+    x, y = blobs(n=40, d=6)
+    x = (x / x.std(0)).double()
+    w, b, _ = fit_logistic(x, y, 3, 0.5, label_smoothing=0.1, tol=1e-10)
+    w, b = w.clone().requires_grad_(), b.clone().requires_grad_()
+    logistic_objective(w, b, x, y, 0.5, label_smoothing=0.1).backward()
+    assert w.grad.abs().max() < 1e-7 and b.grad.abs().max() < 1e-7
+
+
 def test_cv_fit_is_the_optimum_at_its_c_on_raw_features() -> None:
     """The folded head on raw features is scikit-learn's fit on standardised ones."""
     from sklearn.linear_model import LogisticRegression
