@@ -218,6 +218,14 @@ def test_lp_ft_starts_the_backbone_under_the_probe_head(colours: Path, tmp_path:
                      lp_ft=False))
     assert "linear_probe" not in no_lp.summary
     assert not torch.allclose(result.model.head[0].weight, no_lp.model.head[0].weight)
+    # LP-FT keeps BatchNorm in eval mode (the probe saw eval-mode features); without it, train.
+    bn = torch.nn.modules.batchnorm._BatchNorm
+    result.model.train()
+    no_lp.model.train()
+    assert not any(m.training for m in result.model.backbone.modules() if isinstance(m, bn))
+    assert all(m.training for m in no_lp.model.backbone.modules() if isinstance(m, bn))
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["info"]["policy_args"] == {
+        "trainable_bn": "eval"}
     fe = fit(tiny(colours, tmp_path / "fe", policy="feature-extract"))
     torch.testing.assert_close(result.model.head[0].weight, fe.model.head[0].weight,
                                rtol=1e-4, atol=1e-6)
@@ -250,7 +258,7 @@ def test_auto_decides_records_and_resumes_as_decided(colours: Path, tmp_path: Pa
     assert d["measured"]["probe_cv_accuracy"] == result.summary["linear_probe"]["cv_accuracy"]
     model_json = json.loads((tmp_path / "big" / "model.json").read_text())
     assert (model_json["info"]["policy"], model_json["info"]["policy_args"]) == (
-        "partial", {"train_last": 3})
+        "partial", {"train_last": 3, "trainable_bn": "eval"})
     saved = TrainConfig.from_yaml(tmp_path / "big" / "config.yaml")
     assert saved.policy == "partial" and saved.augment is True  # it trains: augmented
     assert result.model.num_trainable() > sum(p.numel() for p in result.model.head.parameters())

@@ -183,6 +183,8 @@ class Trainer:
         self.spec = get_backbone(cfg.backbone)
         cfg = cfg.replace(head=cfg.head or self.spec.head, policy=cfg.policy or self.spec.policy,
                           layer_decay=cfg.layer_decay or self.spec.layer_decay)
+        if not self.resume:
+            cfg = cfg.replace(policy_args=_lp_ft_args(cfg, cfg.policy, cfg.policy_args))
         self.requested = cfg  # what the user asked for; _plan() fills in the rest from it
         if self.resume:
             from tlreg.checkpoint import info_from_dict
@@ -409,8 +411,9 @@ class Trainer:
         model = self.model
         d = decide(train_images=int(counts.sum()), smallest_class=int(counts.min()),
                    probe_accuracy=fit.cv_accuracy, num_stages=model.num_stages)
-        args = {**d.policy_args, **{k: v for k, v in self.requested.policy_args.items()
-                                    if k in ("frozen_bn",)}}
+        args = _lp_ft_args(self.requested, d.policy, {
+            **d.policy_args,
+            **{k: v for k, v in self.requested.policy_args.items() if k in ("frozen_bn",)}})
         model.policy = resolve_policy(d.policy, args)
         model.info = replace(model.info, policy=d.policy, policy_args=args)
         model.apply_policy(0)
@@ -1013,6 +1016,27 @@ def compile_seconds() -> float:
     from torch._dynamo.utils import calculate_time_spent
 
     return float(calculate_time_spent().get("total_wall_time", 0.0))
+
+
+def _lp_ft_args(cfg: TrainConfig, policy: str, args: dict[str, Any]) -> dict[str, Any]:
+    """With LP-FT, trainable stages keep BatchNorm in eval mode unless the user chose.
+
+    The probe head was fitted on eval-mode features; training-mode BatchNorm would normalise
+    every batch by its own statistics and move the running ones, so the features under the
+    fitted head change at the first step (Keras's fine-tuning guide gives the same advice: keep
+    BatchNorm in inference mode when unfreezing). Affine parameters still train.
+    """
+    import inspect
+
+    from tlreg.registry import get_policy
+
+    if not cfg.lp_ft or "trainable_bn" in args:
+        return dict(args)
+    try:
+        accepts = "trainable_bn" in inspect.signature(get_policy(policy)).parameters
+    except (TypeError, ValueError):
+        accepts = False
+    return {**args, "trainable_bn": "eval"} if accepts else dict(args)
 
 
 def _data_config(model: TransferModel, img_size: int | None) -> dict[str, Any]:
