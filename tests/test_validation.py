@@ -139,3 +139,44 @@ def test_created_files_follow_the_umask(tmp_path: Path, monkeypatch: pytest.Monk
         os.umask(old)
     for root in (tmp_path / "run", tmp_path / "artifact"):
         assert _modes(root) <= {("d", 0o755), ("f", 0o644)}, root
+
+
+def test_two_writers_one_run_folder(tmp_path: Path) -> None:
+    """A second `tlreg train` on a run folder in use is refused, naming the first's pid."""
+    data = colour_folder(tmp_path / "data", per_class=4, val_per_class=2)
+    out = tmp_path / "run"
+    env = {**os.environ, "TLREG_CACHE_DIR": str(tmp_path / "cache")}
+    # The first holds the lock while it waits on its own stdin; the second must not wait.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from tlreg.lock import "
+         "exclusive\nPath(sys.argv[1]).mkdir()\nwith exclusive(Path(sys.argv[1])):\n"
+         "    print('locked', flush=True); sys.stdin.read()", str(out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        proc = subprocess.run(
+            [sys.executable, "-m", "tlreg", "train", str(data), "--out", str(out),
+             "--backbone", "timm:test_resnet", "--no-pretrained", "--img-size", "32",
+             "--device", "cpu", "--quiet"], capture_output=True, text=True, env=env)
+        assert proc.returncode == 3, proc.stderr
+        assert f"pid and host: {holder.pid} " in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert [p.name for p in out.iterdir()] == [".tlreg.lock"]  # nothing of the second
+    finally:
+        holder.communicate("")
+    # The holder is gone (the kernel released its lock): the same folder trains now.
+    proc = subprocess.run(
+        [sys.executable, "-m", "tlreg", "train", str(data), "--out", str(out),
+         "--backbone", "timm:test_resnet", "--no-pretrained", "--img-size", "32",
+         "--device", "cpu", "--quiet", "--policy", "feature-extract"],
+        capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "summary.json").is_file()
+
+
+def test_a_run_that_fails_early_leaves_no_folder(tmp_path: Path) -> None:
+    from tlreg.train import fit
+
+    with pytest.raises(UsageError, match="does not exist"):
+        fit(data=str(tmp_path / "missing"), out=str(tmp_path / "run"), quiet=True)
+    assert not (tmp_path / "run").exists()

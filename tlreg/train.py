@@ -80,7 +80,7 @@ def fit(config: TrainConfig | None = None, *, resume: str | Path | None = None,
 
 def _run(trainer: Trainer) -> RunResult:
     # Under torchrun, join the process group for this run (a no-op for one process).
-    with distributed.session(trainer.config.device):
+    with distributed.session(trainer.config.device), trainer.locked():
         return trainer.run()
 
 
@@ -169,11 +169,30 @@ class Trainer:
     # -- set-up -----------------------------------------------------------------------------
 
     def _check_out_dir(self) -> None:
+        from tlreg.lock import LOCK_NAME
+
         if self.resume:
             return
-        if self.run_dir.exists() and (not self.run_dir.is_dir() or any(self.run_dir.iterdir())):
+        if self.run_dir.exists() and (not self.run_dir.is_dir() or any(
+                p.name != LOCK_NAME for p in self.run_dir.iterdir())):
             raise UsageError(f"output folder {self.run_dir} already exists and is not empty; "
                              f"choose another --out, or continue it with --resume {self.run_dir}")
+
+    def locked(self) -> Any:
+        """One writer per run folder (rank 0 under DDP): a second `tlreg train` with the same
+        --out (or --resume) is refused with the other process's pid (tlreg.lock)."""
+        import contextlib
+
+        from tlreg.lock import exclusive
+
+        if not distributed.is_main():
+            return contextlib.nullcontext()
+        self._check_out_dir()  # before creating anything in a folder that is not ours
+        if self.resume and not self.run_dir.is_dir():
+            return contextlib.nullcontext()  # run() says it is not a run
+        created = not self.run_dir.exists()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        return exclusive(self.run_dir, created=created)
 
     def _resolve(self, data: DataSplit) -> None:
         from tlreg.model import build_from_info, create_model
