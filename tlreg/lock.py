@@ -23,7 +23,7 @@ __all__ = ["LOCK_NAME", "FolderLocked", "exclusive"]
 class FolderLocked(UsageError):
     """Another process holds the folder's lock."""
 
-    exit_code = 3
+    exit_code = 7
 
 
 @contextlib.contextmanager
