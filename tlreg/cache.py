@@ -72,8 +72,12 @@ class FeatureCache:
         if (found / "state.json").exists() or found.with_name(".entry.old").exists():
             try:
                 tensors, state, _ = read_checkpoint(found)
-                self.features, self.index = tensors["features"], state["index"]
-            except Exception:  # a damaged cache is recomputed, never trusted
+                self.features, self.index = _verified(tensors["features"], state)
+            except Exception as exc:  # a damaged cache is recomputed, never trusted
+                import warnings
+
+                warnings.warn(f"feature cache entry {self.dir} is damaged ({exc}); its "
+                              "features are computed again", stacklevel=2)
                 self.features, self.index = None, {}
 
     def lookup(self, paths: Sequence[str]) -> tuple[dict[int, int], list[int]]:
@@ -99,7 +103,9 @@ class FeatureCache:
         for j, path in enumerate(paths):
             self.index[path] = [*file_key(path), start + j]
         self._compact()
-        save_checkpoint(self.dir / "entry", {"features": self.features}, {"index": self.index})
+        save_checkpoint(self.dir / "entry", {"features": self.features},
+                        {"index": self.index, "sha256": _digest(self.features),
+                         "shape": list(self.features.shape)})
         atomic_write_json(self.dir / "meta.json", {
             "backbone": self.key.backbone, "weights_sha256": self.key.weights_sha256,
             "data_config": dict(self.key.data_config), "entries": len(self.index),
@@ -114,6 +120,36 @@ class FeatureCache:
         remap = {old: new for new, old in enumerate(live)}
         self.features = self.features[live]
         self.index = {p: [e[0], e[1], remap[e[2]]] for p, e in self.index.items()}
+
+
+def _digest(features: torch.Tensor) -> str:
+    return hashlib.sha256(features.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _verified(features: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor,
+                                                                      dict[str, list[int]]]:
+    """The entry's features and index, or ValueError saying what is wrong with them.
+
+    The checksum catches flipped bytes that safetensors reads without complaint; the shape,
+    finiteness and index checks catch an entry whose parts do not belong together.
+    """
+    import torch
+
+    if state.get("sha256") is None:
+        raise ValueError("no checksum (written by an older tlreg)")
+    if features.dim() != 2 or list(features.shape) != state.get("shape"):
+        raise ValueError(f"shape {list(features.shape)}, recorded {state.get('shape')}")
+    if _digest(features) != state["sha256"]:
+        raise ValueError("checksum mismatch")
+    if not bool(torch.isfinite(features).all()):
+        raise ValueError("non-finite features")
+    index = state.get("index")
+    rows = features.shape[0]
+    if not isinstance(index, dict) or not all(
+            isinstance(e, list) and len(e) == 3 and all(isinstance(v, int) for v in e)
+            and 0 <= e[2] < rows for e in index.values()):
+        raise ValueError("index does not match the features")
+    return features, index
 
 
 def cached_features(samples: Sequence[Sample], compute: Callable[[list[int]], tuple[
