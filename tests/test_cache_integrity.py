@@ -66,7 +66,7 @@ def test_a_damaged_index_is_recomputed(primed: tuple[Path, Path, torch.Tensor], 
     data, cache, head = primed
     state_path = entry(cache) / "state.json"
     state = json.loads(state_path.read_text())
-    change(state["state"] if "state" in state else state)
+    change(state.get("state", state))
     state_path.write_text(json.dumps(state))
     seen = count_backbone_images(monkeypatch)
     with pytest.warns(UserWarning, match=why):
@@ -88,7 +88,7 @@ def test_non_finite_features_are_not_trusted(primed: tuple[Path, Path, torch.Ten
     save_file(tensors, path)
     state_path = entry(cache) / "state.json"
     state = json.loads(state_path.read_text())
-    inner = state["state"] if "state" in state else state
+    inner = state.get("state", state)
     inner["sha256"] = _digest(tensors["features"])  # a matching checksum: NaN is still refused
     state_path.write_text(json.dumps(state))
     with pytest.warns(UserWarning, match="non-finite"):
