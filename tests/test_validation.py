@@ -180,3 +180,59 @@ def test_a_run_that_fails_early_leaves_no_folder(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="does not exist"):
         fit(data=str(tmp_path / "missing"), out=str(tmp_path / "run"), quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture
+def finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    import shutil
+
+    from tlreg.train import fit
+
+    monkeypatch.setenv("TLREG_CACHE_DIR", str(tmp_path / "cache"))
+    data = colour_folder(tmp_path / "data", per_class=4, val_per_class=2)
+    fit(data=str(data), out=str(tmp_path / "run"), backbone="timm:test_resnet",
+        pretrained=False, img_size=32, workers=0, quiet=True, device="cpu",
+        policy="feature-extract", epochs=1)
+    shutil.copytree(tmp_path / "run", tmp_path / "pristine")
+    return data, tmp_path / "run"
+
+
+def _unchanged(run: Path) -> None:
+    pristine = run.with_name("pristine")
+    for f in pristine.rglob("*"):
+        if f.is_file() and f.name != ".tlreg.lock":
+            assert (run / f.relative_to(pristine)).read_bytes() == f.read_bytes(), f
+
+
+@pytest.mark.parametrize(("change", "options", "message"), [
+    (lambda d: [(d / s / "red").rename(d / s / "crimson") for s in ("train", "val")], {},
+     'classes ["blue", "red"] -> ["blue", "crimson"]'),
+    (lambda d: colour_folder(d, classes=("green",), per_class=2, val_per_class=1), {},
+     'classes ["blue", "red"] -> ["blue", "green", "red"]'),
+    (lambda d: None, {"img_size": 48}, "data_config"),
+    (lambda d: None, {"backbone": "timm:test_efficientnet"}, 'backbone "timm:test_resnet"'),
+    (lambda d: None, {"label_smoothing": 0.1}, "label_smoothing 0.0 -> 0.1"),
+])
+def test_resume_refuses_a_changed_world(finished: tuple[Path, Path], change, options,
+                                        message: str) -> None:
+    from tlreg.train import fit
+
+    data, run = finished
+    change(data)
+    with pytest.raises(UsageError, match="cannot resume") as err:
+        fit(resume=run, epochs=2, **options)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    _unchanged(run)
+
+
+def test_resume_on_added_files_needs_resume_anyway(finished: tuple[Path, Path]) -> None:
+    from tlreg.train import fit
+
+    data, run = finished
+    extra = data / "train" / "red" / "extra.png"
+    extra.write_bytes((data / "train" / "red" / "red_000.png").read_bytes())
+    with pytest.raises(UsageError, match="the file list changed.*--resume-anyway"):
+        fit(resume=run, epochs=2)
+    _unchanged(run)
+    result = fit(resume=run, epochs=2, resume_anyway=True)
+    assert result.summary["epochs"] == 2 and result.summary["train_images"] == 9

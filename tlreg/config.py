@@ -68,6 +68,7 @@ class TrainConfig:
     workers: int = 2
     seed: int = 0
     quiet: bool = False
+    resume_anyway: bool = False  # --resume on a changed file list (never on changed classes)
 
     def __post_init__(self) -> None:
         # One validation layer for the CLI, YAML and Python: typed parsing, then ranges.

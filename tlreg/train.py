@@ -310,6 +310,7 @@ class Trainer:
             min_lr=cfg.min_lr * self.lr_scale)
         distributed.barrier()  # every rank checked --out before rank 0 creates it
         if self.resume:
+            self._check_resume(data)
             self._load_last()
         else:
             self._start_run_dir(data)
@@ -356,7 +357,61 @@ class Trainer:
             "backend": distributed.backend(), "lr_scaling": self.config.lr_scaling,
             "lr_scale": self.lr_scale,
             **self._choices(),  # what auto, LP-FT and the defaults chose: kept for --resume
+            "fingerprint": self._fingerprint(data),
         })
+
+    # -- what a run was started on, and --resume's check of it ------------------------------
+
+    def _fingerprint(self, data: DataSplit) -> dict[str, Any]:
+        """What the run's numbers depend on: data, classes, model, policy, input, loss."""
+        import hashlib
+
+        cfg = self.config
+        listing = "\n".join(f"{s.path}\t{s.label}" for s in (*data.train, *data.val))
+        fp = {"classes": list(data.classes),
+              "samples_sha256": hashlib.sha256(listing.encode()).hexdigest(),
+              "train_images": len(data.train), "val_images": len(data.val),
+              "data_config": self.data_config, "backbone": cfg.backbone,
+              "pretrained": cfg.pretrained, "weights": cfg.weights, "head": cfg.head,
+              "head_args": cfg.head_args, "policy": cfg.policy, "policy_args": cfg.policy_args,
+              "optimizer": cfg.optimizer, "scheduler": cfg.scheduler,
+              "label_smoothing": cfg.label_smoothing}
+        return json.loads(json.dumps(fp, default=str))  # as run.json holds it
+
+    def _check_resume(self, data: DataSplit) -> None:
+        """Refuse to continue a run on a changed world, with a one-line diff.
+
+        Classes, inputs, model and loss must match; a changed file list (added or removed
+        images) is refused unless --resume-anyway.
+        """
+        try:
+            stored = json.loads((self.run_dir / "run.json").read_text()).get("fingerprint")
+        except (OSError, ValueError):
+            stored = None
+        if not isinstance(stored, dict):
+            return  # a run from a tlreg without fingerprints: nothing to compare
+        now = self._fingerprint(data)
+        soft = {"samples_sha256", "train_images", "val_images"}
+        diff = [k for k in now if stored.get(k) != now[k]]
+        hard = [k for k in diff if k not in soft]
+
+        def show(k: str) -> str:
+            if k == "samples_sha256":
+                return "the file list changed"
+            was, new = (json.dumps(v)[:80] for v in (stored.get(k), now[k]))
+            return f"{k} {was} -> {new}"
+
+        if hard:
+            raise UsageError(f"cannot resume {self.run_dir}: it was started on something else: "
+                             + "; ".join(show(k) for k in hard)
+                             + ". Start a new run (another --out) instead")
+        if diff and not self.config.resume_anyway:
+            raise UsageError(f"cannot resume {self.run_dir}: "
+                             + "; ".join(show(k) for k in diff)
+                             + ". Pass --resume-anyway to continue on the current files")
+        if diff:
+            _say(self.config, "note: resuming on a changed file list (--resume-anyway): "
+                 + "; ".join(show(k) for k in diff))
 
     # -- the head fitted on frozen features: auto's measurement, LP-FT's first phase ---------
 

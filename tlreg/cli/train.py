@@ -43,6 +43,10 @@ def train(
         None, "--config", help="YAML file with any of these options."
     ),
     resume: Path | None = typer.Option(None, "--resume", help="Continue an interrupted run."),
+    resume_anyway: bool | None = typer.Option(
+        None, "--resume-anyway", help="With --resume: continue although files were added or "
+        "removed (changed classes, inputs or model are always refused).",
+    ),
     backbone: str | None = typer.Option(
         None, "--backbone", "-b", help="Registered name or timm:<name>."
     ),
