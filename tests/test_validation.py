@@ -231,7 +231,7 @@ def test_resume_on_added_files_needs_resume_anyway(finished: tuple[Path, Path]) 
     data, run = finished
     extra = data / "train" / "red" / "extra.png"
     extra.write_bytes((data / "train" / "red" / "red_000.png").read_bytes())
-    with pytest.raises(UsageError, match="the file list changed.*--resume-anyway"):
+    with pytest.raises(UsageError, match=r"the file list changed.*--resume-anyway"):
         fit(resume=run, epochs=2)
     _unchanged(run)
     result = fit(resume=run, epochs=2, resume_anyway=True)
