@@ -10,8 +10,9 @@ option left at its default:
   run, standardised inside each fold (`Pipeline(StandardScaler, LogisticRegression)`), C
   chosen by `GridSearchCV` with 5 stratified folds on the training split only.
 
-Each `tlreg` run is a fresh process. Mean over `SEEDS`; fine-tuning runs on the two large sets
-take over ten minutes of these 2 cores each, and use the first seed only (marked). Results go
+Each `tlreg` run is a fresh process. Mean over `SEEDS`; `finetune` and `auto` runs on the two
+large sets (which fine-tune there) use the first seed only (marked): with the rest of the suite
+they would not fit one session on these 2 cores. Results go
 to `bench/results/accuracy-NAME.json`; the table in docs/benchmarks.md is rebuilt from every
 such file, so one data set can be rerun alone:
 
@@ -34,7 +35,7 @@ from bench.perf import spawn
 
 BACKBONE = "efficientnet_lite0"
 SEEDS = (0, 1, 2)
-ONE_SEED_FINETUNE = {"digits", "patches"}  # > 10 min per fine-tuning run on 2 cores
+ONE_SEED_FINETUNE = {"digits", "patches"}  # fine-tuning 1,200-1,500 images: minutes per run
 METHODS = ("feature-extract", "auto", "finetune")
 RESULTS = ROOT / "bench" / "results"
 DATA_ROOT = Path(os.environ.get("TLREG_BENCH_DATA", "/tmp/tlreg-bench-data"))
@@ -97,7 +98,8 @@ def run_dataset(name: str, methods: tuple[str, ...], seeds: tuple[int, ...],
     result: dict[str, Any] = {"data": name, "near_imagenet": _datasets.NEAR_IMAGENET[name],
                               "runs": {}}
     for method in methods:
-        method_seeds = seeds[:1] if method == "finetune" and name in ONE_SEED_FINETUNE else seeds
+        method_seeds = seeds[:1] if method != "feature-extract" and name in ONE_SEED_FINETUNE \
+            else seeds
         runs = [train(data, work / f"{name}-{method}-{s}", cache, method, s)
                 for s in method_seeds]
         result["runs"][method] = runs

@@ -325,6 +325,11 @@ def test_config_from_a_future_format_version_is_refused(random_artifact: Path) -
     ({"num_classes": 3}, "2 label names for 3 classes"),
     ({"head__args": "x"}, "head.args must be dict"),
     ({"backbone__weights": "none"}, "'files' has backbone.safetensors"),
+    ({"data_config__input_size": "224"}, r"data_config.input_size must be \[channels"),
+    ({"data_config__input_size": [3, 200000, 1]}, "sides in"),
+    ({"data_config__std": [0.5, 0, 0.5]}, r"data_config.std must be 1 or 3 numbers > 0"),
+    ({"data_config__crop_pct": "big"}, "crop_pct must be in"),
+    ({"num_classes": 10**9}, r"num_classes must be in \[2, 1000000\]"),
 ])
 def test_malformed_configs_are_clear_errors(random_artifact: Path, changes: dict,
                                             message: str) -> None:
@@ -550,3 +555,32 @@ def test_feature_extract_artifact_on_resnet18_is_under_one_percent(tmp_path: Pat
     section = doc.split(bench.BEGIN, 1)[1].split(bench.END, 1)[0]
     assert f"| {result['full_model_bytes']:,} |" in section
     assert f"| {result['head_bytes']:,} |" in section
+
+
+def test_an_oversized_config_is_refused_unparsed(random_artifact: Path) -> None:
+    cfg = json.loads((random_artifact / CONFIG_FILE).read_text())
+    cfg["padding"] = "x" * (2 << 20)
+    (random_artifact / CONFIG_FILE).write_text(json.dumps(cfg))
+    with pytest.raises(ArtifactError, match="over the 1,048,576 a tlreg config may have"):
+        load_artifact(random_artifact)
+
+
+def test_a_damaged_header_with_a_matching_checksum_is_an_artifact_error(
+        random_artifact: Path) -> None:
+    raw = bytearray((random_artifact / HEAD_FILE).read_bytes())
+    raw[8:12] = b"\x00\xff{["  # the JSON header, damaged
+    (random_artifact / HEAD_FILE).write_bytes(bytes(raw))
+    cfg = json.loads((random_artifact / CONFIG_FILE).read_text())
+    cfg["files"][HEAD_FILE]["sha256"] = file_sha256(random_artifact / HEAD_FILE)
+    (random_artifact / CONFIG_FILE).write_text(json.dumps(cfg))
+    with pytest.raises(ArtifactError, match="is not a readable safetensors file"):
+        load_artifact(random_artifact)
+
+
+@pytest.mark.parametrize("source", ["a/..", "user/na--me", "user/name@../../etc",
+                                    "user/name@a b", "user/name@.hidden/x"])
+def test_unsafe_repo_ids_and_revisions_are_refused(source: str) -> None:
+    from tlreg.artifact import split_revision
+
+    with pytest.raises(UsageError, match="invalid (Hub repo id|revision)"):
+        split_revision(source)

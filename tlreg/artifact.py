@@ -443,6 +443,9 @@ def read_config(folder: Path) -> dict[str, Any]:
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         raise ArtifactError(f"{folder} is not a tlreg artifact: it has no {CONFIG_FILE}")
+    if path.stat().st_size > MAX_CONFIG_BYTES:  # a real one is a few kB; never parse a bomb
+        raise ArtifactError(f"{path} is {path.stat().st_size:,} bytes, over the "
+                            f"{MAX_CONFIG_BYTES:,} a tlreg config may have")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -467,6 +470,10 @@ def read_config(folder: Path) -> dict[str, Any]:
     _require(config["head"], path, {"name": str, "args": dict}, prefix="head.")
     if config["backbone"]["weights"] not in (WEIGHTS_NONE, WEIGHTS_DELTA, WEIGHTS_FULL):
         raise ArtifactError(f"{path}: unknown backbone.weights {config['backbone']['weights']!r}")
+    _check_data_config(config["data_config"], path)
+    if not 2 <= config["num_classes"] <= 1_000_000:
+        raise ArtifactError(f"{path}: num_classes must be in [2, 1000000], "
+                            f"got {config['num_classes']}")
     if len(config["label_names"]) != config["num_classes"]:
         raise ArtifactError(f"{path}: {len(config['label_names'])} label names for "
                             f"{config['num_classes']} classes")
@@ -480,6 +487,36 @@ def read_config(folder: Path) -> dict[str, Any]:
                             f"'files' {'lacks' if BACKBONE_FILE not in config['files'] else 'has'}"
                             f" {BACKBONE_FILE}")
     return config
+
+
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _check_data_config(dc: Mapping[str, Any], path: Path) -> None:
+    """The preprocessing a config asks for, checked before any image is resized by it."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    size = dc.get("input_size")
+    if size is not None and not (
+            isinstance(size, list) and len(size) == 3 and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in size)
+            and size[0] in (1, 3) and all(16 <= v <= 4096 for v in size[1:])):
+        raise ArtifactError(f"{path}: data_config.input_size must be [channels, height, width] "
+                            f"with sides in [16, 4096], got {size!r}")
+    for key in ("mean", "std"):
+        v = dc.get(key)
+        if v is not None and not (isinstance(v, list) and len(v) in (1, 3)
+                                  and all(number(x) for x in v)
+                                  and (key == "mean" or all(x > 0 for x in v))):
+            raise ArtifactError(f"{path}: data_config.{key} must be 1 or 3 numbers"
+                                f"{' > 0' if key == 'std' else ''}, got {v!r}")
+    crop = dc.get("crop_pct")
+    if crop is not None and not (number(crop) and 0 < crop <= 2):
+        raise ArtifactError(f"{path}: data_config.crop_pct must be in (0, 2], got {crop!r}")
+    for key in ("interpolation", "crop_mode"):
+        if dc.get(key) is not None and not isinstance(dc[key], str):
+            raise ArtifactError(f"{path}: data_config.{key} must be a string, got {dc[key]!r}")
 
 
 def _require(d: Mapping[str, Any], path: Path, keys: Mapping[str, type], prefix: str = "") -> None:
@@ -571,11 +608,31 @@ def parse_source(source: str | os.PathLike[str]) -> tuple[str, str, str | None]:
 
 
 def split_revision(repo: str) -> tuple[str, str | None]:
-    """'user/name@rev' -> ('user/name', 'rev'); checks the repo id's shape."""
+    """'user/name@rev' -> ('user/name', 'rev'); the id by huggingface_hub's own rule, the
+    revision by git's ref rules (it names a file in the cache's refs/ folder)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     repo_id, sep, rev = repo.partition("@")
-    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo_id) or (sep and not rev):
-        raise UsageError(f"invalid Hub repo id {repo!r}: expected 'user/name' or 'user/name@rev'")
+    try:
+        if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo_id) or (sep and not rev):
+            raise HFValidationError("expected 'user/name' or 'user/name@rev'")
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise UsageError(f"invalid Hub repo id {repo!r}: {exc}") from None
+    if rev:
+        check_revision(rev)
     return repo_id, rev or None
+
+
+def check_revision(rev: str) -> str:
+    """A branch, tag or commit name that is safe as a path under refs/ (git's ref rules)."""
+    parts = rev.split("/")
+    if (len(rev) > 255 or not rev.strip() or rev != rev.strip() or ".." in rev
+            or "\\" in rev or any(ord(c) < 32 or c in " ~^:?*[" for c in rev)
+            or any(not p or p.startswith(".") or p.endswith(".lock") for p in parts)
+            or rev.endswith(".") or "@{" in rev):
+        raise UsageError(f"invalid revision {rev!r}: expected a branch, tag or commit name")
+    return rev
 
 
 def load_artifact_dir(folder: Path, *, allow_backbone_mismatch: bool = False) -> TransferModel:
@@ -590,11 +647,18 @@ def load_artifact_dir(folder: Path, *, allow_backbone_mismatch: bool = False) ->
     verify_files(folder, config)
     model, info = _rebuild(config, allow_backbone_mismatch)
     bb = config["backbone"]
+
+    def read(name: str) -> dict[str, Any]:
+        try:  # a damaged header can match its checksum if the file was written so
+            return load_file(folder / name)
+        except Exception as exc:
+            raise ArtifactError(f"{folder / name} is not a readable safetensors file: "
+                                f"{exc}") from None
+
     if bb["weights"] != WEIGHTS_NONE:
-        tensors = load_file(folder / BACKBONE_FILE)
-        _load_strict(model.backbone, tensors, f"{BACKBONE_FILE} ({bb['weights']})",
+        _load_strict(model.backbone, read(BACKBONE_FILE), f"{BACKBONE_FILE} ({bb['weights']})",
                      partial=bb["weights"] == WEIGHTS_DELTA)
-    _load_strict(model.head, load_file(folder / HEAD_FILE), HEAD_FILE, partial=False)
+    _load_strict(model.head, read(HEAD_FILE), HEAD_FILE, partial=False)
     model.info = info
     model.eval()
     return model

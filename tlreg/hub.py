@@ -28,6 +28,7 @@ from tlreg.artifact import (
     REPO_ID_PLACEHOLDER,
     ArtifactError,
     check_no_pickles,
+    check_revision,
     file_sha256,
     parse_source,
     read_config,
@@ -85,6 +86,8 @@ def push_model(model_or_artifact_dir: TransferModel | str | os.PathLike[str], re
     (an old backbone delta, say) are deleted in the same commit.
     """
     split_revision(repo_id)  # checks its shape
+    if revision is not None:
+        check_revision(revision)
     if "@" in repo_id:
         raise UsageError(f"push takes a plain repo id, not {repo_id!r}; use --revision BRANCH")
     with tempfile.TemporaryDirectory(prefix="tlreg-push-") as tmp:
@@ -210,7 +213,7 @@ def pull(repo_id: str, revision: str | None = None, dir: str | os.PathLike[str] 
     repo_id, rev = split_revision(repo_id.removeprefix("hf:"))
     if rev and revision and rev != revision:
         raise UsageError(f"two revisions given: {rev!r} and {revision!r}")
-    revision = revision or rev or "main"
+    revision = check_revision(revision or rev or "main")
     folder = _download(repo_id, revision, token, endpoint, cache_dir)
     where = f"{repo_id}@{revision}"
     config = read_config(folder)
