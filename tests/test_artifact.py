@@ -582,5 +582,5 @@ def test_a_damaged_header_with_a_matching_checksum_is_an_artifact_error(
 def test_unsafe_repo_ids_and_revisions_are_refused(source: str) -> None:
     from tlreg.artifact import split_revision
 
-    with pytest.raises(UsageError, match="invalid (Hub repo id|revision)"):
+    with pytest.raises(UsageError, match=r"invalid (Hub repo id|revision)"):
         split_revision(source)
