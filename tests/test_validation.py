@@ -236,3 +236,20 @@ def test_resume_on_added_files_needs_resume_anyway(finished: tuple[Path, Path]) 
     _unchanged(run)
     result = fit(resume=run, epochs=2, resume_anyway=True)
     assert result.summary["epochs"] == 2 and result.summary["train_images"] == 9
+
+
+@pytest.mark.parametrize("policy", ["feature-extract", "finetune"])
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_split_with_no_readable_image_is_an_error(tmp_path: Path, policy: str,
+                                                    split: str) -> None:
+    from tlreg.train import fit
+
+    data = colour_folder(tmp_path / "data", per_class=3, val_per_class=2)
+    for f in (data / split).rglob("*.png"):
+        f.write_bytes(b"not an image")
+    with pytest.warns(UserWarning, match="skipped unreadable image"), \
+            pytest.raises(UsageError, match=f"none of the .* images under .*{split} could be read"):
+        fit(data=str(data), out=str(tmp_path / "run"), backbone="timm:test_resnet",
+            pretrained=False, img_size=32, workers=0, quiet=True, device="cpu", policy=policy,
+            epochs=1, cache_dir=str(tmp_path / "cache"))
+    assert not (tmp_path / "run").exists()  # nothing half-made to trip the next attempt

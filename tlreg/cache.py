@@ -171,7 +171,9 @@ def cached_features(samples: Sequence[Sample], compute: Callable[[list[int]], tu
         if ok:
             cache.update([paths[i] for i in ok], new)
         hits, _ = cache.lookup(paths)
-    assert cache is not None and cache.features is not None
+    assert cache is not None
+    if cache.features is None:  # nothing cached and nothing decodable
+        return new.float(), failed
     return cache.features[[hits[i] for i in range(len(paths)) if i in hits]], failed
 
 

@@ -7,10 +7,12 @@ are computed once (and cached on disk) and only the head trains on them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -181,8 +183,6 @@ class Trainer:
     def locked(self) -> Any:
         """One writer per run folder (rank 0 under DDP): a second `tlreg train` with the same
         --out (or --resume) is refused with the other process's pid (tlreg.lock)."""
-        import contextlib
-
         from tlreg.lock import exclusive
 
         if not distributed.is_main():
@@ -192,7 +192,25 @@ class Trainer:
             return contextlib.nullcontext()  # run() says it is not a run
         created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        return exclusive(self.run_dir, created=created)
+        return self._guarded(exclusive(self.run_dir, created=created), created)
+
+    @contextlib.contextmanager
+    def _guarded(self, lock: Any, created: bool) -> Iterator[None]:
+        """A new run that fails before its first epoch is saved leaves no folder behind.
+
+        Otherwise the user would be stuck: --out is not empty, and --resume has no epoch to
+        continue from.
+        """
+        with lock:
+            try:
+                yield
+            except BaseException:
+                if created and not (self.run_dir / "checkpoints" / "last").exists():
+                    for name in ("config.yaml", "model.json", "run.json", "history.json",
+                                 "summary.json", "training.png"):
+                        (self.run_dir / name).unlink(missing_ok=True)
+                    shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
+                raise
 
     def _resolve(self, data: DataSplit) -> None:
         from tlreg.model import build_from_info, create_model
@@ -560,6 +578,7 @@ class Trainer:
         else:
             feats, failed = cached_features(samples, compute, cache)
         self._note_skipped([samples[i].path for i in failed])
+        _require_readable(samples, len(failed))
         bad = set(failed)
         labels = torch.tensor([s.label for i, s in enumerate(samples) if i not in bad])
         return feats.to(self.device), labels.to(self.device)
@@ -853,6 +872,8 @@ class Trainer:
                     # The loss is read (a device sync) only when the bar refreshes.
                     progress.advance(task, n, lambda s=loss_sum, k=seen: s.item() / k)
                 progress.finish(task)
+                if epoch == self.start_epoch and distributed.sum_all(seen)[0] == 0:
+                    _require_readable(data.train, len(data.train))
                 if self.interval == "epoch":
                     self.scheduler.step()
                 val_loss, labels_val, preds = self._evaluate_images(data.val, loss_fn)
@@ -891,6 +912,8 @@ class Trainer:
         loss = torch.cat(losses) if losses else torch.empty(0, device=self.device)
         # Under DDP each rank saw its padded shard: one row per sample index, from all ranks.
         _, table, loss = distributed.gather_by_index(table[:, 0], table, loss)
+        if len(table) == 0:
+            _require_readable(samples, len(samples))
         return (loss.sum().item() / max(1, len(loss)), table[:, 1].tolist(),
                 table[:, 2].tolist())
 
@@ -1090,6 +1113,14 @@ def compile_seconds() -> float:
     from torch._dynamo.utils import calculate_time_spent
 
     return float(calculate_time_spent().get("total_wall_time", 0.0))
+
+
+def _require_readable(samples: Sequence[Sample], failed: int) -> None:
+    """A split none of whose images decodes is an error, not a run that 'trains' on nothing."""
+    if samples and failed >= len(samples):
+        folder = os.path.dirname(os.path.dirname(samples[0].path))
+        raise UsageError(f"none of the {len(samples)} images under {folder} could be read "
+                         f"(first: {samples[0].path}); nothing to train or evaluate on")
 
 
 def _lp_ft_args(cfg: TrainConfig, policy: str, args: dict[str, Any]) -> dict[str, Any]:
