@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tlreg.checkpoint import _tuples, follow_umask, load_run_model, temp_dir
+from tlreg.checkpoint import _tuples, follow_umask, load_run_model, save_file, temp_dir
 from tlreg.errors import PluginError, TlregError, UnknownNameError, UsageError
 
 if TYPE_CHECKING:
@@ -102,7 +102,6 @@ def save_artifact(model: TransferModel, directory: str | os.PathLike[str], *,
     (and downloaded if needed). `pretrained_sha256` (a run's recorded hash) skips that rebuild
     when the backbone did not change, and otherwise checks the rebuilt weights are the same.
     """
-    from safetensors.torch import save_file
 
     directory = Path(directory)
     head = _cpu_tensors(model.head.state_dict())
@@ -860,7 +859,6 @@ def export_timm(model: TransferModel, out_dir: str | os.PathLike[str]) -> Path:
 
     Only a linear head maps onto timm's own classifier; other heads are an error.
     """
-    from safetensors.torch import save_file
     from torch import nn
 
     from tlreg import _timm

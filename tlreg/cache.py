@@ -68,6 +68,7 @@ class FeatureCache:
         self.dir = root / "features" / key.digest()
         self.index: dict[str, list[int]] = {}
         self.features: torch.Tensor | None = None
+        self.read_only = False  # set when writing failed: kept in memory only
         found = self.dir / "entry"
         if (found / "state.json").exists() or found.with_name(".entry.old").exists():
             try:
@@ -103,13 +104,22 @@ class FeatureCache:
         for j, path in enumerate(paths):
             self.index[path] = [*file_key(path), start + j]
         self._compact()
-        save_checkpoint(self.dir / "entry", {"features": self.features},
-                        {"index": self.index, "sha256": _digest(self.features),
-                         "shape": list(self.features.shape)})
-        atomic_write_json(self.dir / "meta.json", {
-            "backbone": self.key.backbone, "weights_sha256": self.key.weights_sha256,
-            "data_config": dict(self.key.data_config), "entries": len(self.index),
-        })
+        if self.read_only:
+            return
+        try:
+            save_checkpoint(self.dir / "entry", {"features": self.features},
+                            {"index": self.index, "sha256": _digest(self.features),
+                             "shape": list(self.features.shape)})
+            atomic_write_json(self.dir / "meta.json", {
+                "backbone": self.key.backbone, "weights_sha256": self.key.weights_sha256,
+                "data_config": dict(self.key.data_config), "entries": len(self.index),
+            })
+        except OSError as exc:  # full or read-only: the cache is optional, the run goes on
+            import warnings
+
+            self.read_only = True
+            warnings.warn(f"feature cache off: cannot write {self.dir} ({exc.strerror}); "
+                          "features stay in memory for this run", stacklevel=2)
 
     def _compact(self) -> None:
         """Drop rows no index entry points to (replaced files)."""

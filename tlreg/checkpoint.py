@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -57,6 +58,25 @@ def temp_dir(parent: Path, prefix: str) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
     os.chmod(tmp, umask_mode(directory=True))
     return tmp
+
+
+def save_file(tensors: Mapping[str, Tensor], path: Path,
+              metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, with its I/O failures raised as the OSError they are.
+
+    safetensors reports a full disk as `SafetensorError: ... (os error 28)`; as an OSError it
+    gets the one-line file-system message (and the caches' fallback) every other write gets.
+    """
+    from safetensors.torch import save_file as _save
+
+    try:
+        _save(dict(tensors), path, metadata=metadata)
+    except Exception as exc:
+        found = re.search(r"os error (\d+)", str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from exc
 
 
 def follow_umask(folder: Path) -> None:
@@ -110,8 +130,6 @@ def _jsonable(obj: Any) -> Any:
 
 def save_tensors(path: Path, tensors: Mapping[str, Tensor]) -> None:
     """One safetensors file, written atomically (aside, then `os.replace`)."""
-    from safetensors.torch import save_file
-
     with atomic_path(path) as tmp:
         save_file(_plain(tensors), tmp)
 
@@ -129,8 +147,6 @@ def save_checkpoint(path: Path, model_state: Mapping[str, Tensor], state: Mappin
     `frozen`: a safetensors file (from `save_tensors`) holding tensors left out of
     `model_state`; it is hard-linked in (copied where links are not supported).
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(path.parent, prefix=f".{path.name}.tmp-")

@@ -165,7 +165,12 @@ def decode_all(samples: Sequence[Sample], data_config: dict[str, Any], *, mode: 
         images[i] = None if array is None else torch.from_numpy(array)
     decoded = DecodedImages(samples, short, images)
     if disk_dir is not None:
-        _save_disk(disk_dir, decoded)
+        try:
+            _save_disk(disk_dir, decoded)
+        except OSError as exc:  # a full or read-only cache folder: the cache is optional
+            warnings.warn(f"decoded-image cache off: cannot write {disk_dir} ({exc.strerror}); "
+                          "the images stay in memory for this run", stacklevel=2)
+            return decoded
         loaded = _load_disk(disk_dir, samples, short)
         if loaded is not None:  # serve from the memory map, so pages can be dropped
             return loaded

@@ -6,6 +6,7 @@ command bodies, so `tlreg --help` and the list commands start instantly.
 
 from __future__ import annotations
 
+import errno
 import sys
 import warnings
 from importlib import import_module
@@ -79,4 +80,16 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as exc:
+        if _state["debug"] or exc.errno not in _FS_ERRORS:
+            raise
+        # Every write is aside-then-rename: what was saved before the failure is intact.
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error: cannot write{where}: {exc.strerror}; nothing already saved was changed",
+              file=sys.stderr)
+        sys.exit(1)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+# Faults of the file system, not of tlreg: one line naming the path, never a traceback.
+_FS_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
