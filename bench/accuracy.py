@@ -10,9 +10,10 @@ option left at its default:
   run, standardised inside each fold (`Pipeline(StandardScaler, LogisticRegression)`), C
   chosen by `GridSearchCV` with 5 stratified folds on the training split only.
 
-Each `tlreg` run is a fresh process. Mean over `SEEDS`; `finetune` and `auto` runs on the two
-large sets (which fine-tune there) use the first seed only (marked): with the rest of the suite
-they would not fit one session on these 2 cores. Results go
+Each `tlreg` run is a fresh process. Mean over `SEEDS` for the probe, `feature-extract` and
+`auto`, except where `auto` fine-tunes (the two large sets); `finetune` runs use 3 seeds on
+hymenoptera and the first seed elsewhere (marked): all of it at 3 seeds would not fit one
+session on these 2 cores. Results go
 to `bench/results/accuracy-NAME.json`; the table in docs/benchmarks.md is rebuilt from every
 such file, so one data set can be rerun alone:
 
@@ -81,6 +82,9 @@ def reference(data: Path, cache: Path, seed: int) -> dict[str, Any]:
 
     x_train, y_train = xy(split.train)
     x_val, y_val = xy(split.val)
+    if not len(y_val):
+        raise SystemExit(f"reference: no val features of {data} in {entries[0]}; run "
+                         "feature-extract first")
     grid = GridSearchCV(
         make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)),
         {"logisticregression__C": np.logspace(-4, 2, 13)},
@@ -98,8 +102,9 @@ def run_dataset(name: str, methods: tuple[str, ...], seeds: tuple[int, ...],
     result: dict[str, Any] = {"data": name, "near_imagenet": _datasets.NEAR_IMAGENET[name],
                               "runs": {}}
     for method in methods:
-        method_seeds = seeds[:1] if method != "feature-extract" and name in ONE_SEED_FINETUNE \
-            else seeds
+        one = (method == "finetune" and name != "hymenoptera") or (
+            method == "auto" and name in ONE_SEED_FINETUNE)
+        method_seeds = seeds[:1] if one else seeds
         runs = [train(data, work / f"{name}-{method}-{s}", cache, method, s)
                 for s in method_seeds]
         result["runs"][method] = runs
