@@ -93,3 +93,26 @@ def test_non_finite_features_are_not_trusted(primed: tuple[Path, Path, torch.Ten
     state_path.write_text(json.dumps(state))
     with pytest.warns(UserWarning, match="non-finite"):
         assert torch.equal(run(data, tmp_path / "again", cache), head)
+
+
+def test_cache_commands_cover_both_caches(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    data = colour_folder(tmp_path / "data", per_class=3, val_per_class=2)
+    cache = tmp_path / "cache"
+    run(data, tmp_path / "fe", cache)  # a feature entry
+    fit(data=str(data), out=str(tmp_path / "ft"), backbone="timm:test_resnet", pretrained=False,
+        img_size=32, workers=0, quiet=True, device="cpu", policy="finetune", epochs=1,
+        decoded_cache="disk", cache_dir=str(cache), lp_ft=False)
+    env = {**__import__("os").environ, "TLREG_CACHE_DIR": str(cache)}
+    ls = subprocess.run([sys.executable, "-m", "tlreg", "cache", "ls", "--json"],
+                        capture_output=True, text=True, env=env, check=True)
+    rows = json.loads(ls.stdout)
+    assert sorted(r["kind"] for r in rows) == ["decoded", "decoded", "features"]  # train, val
+    assert all(r["bytes"] > 0 for r in rows)
+    assert {r["entries"] for r in rows if r["kind"] == "decoded"} == {6, 4}
+    out = subprocess.run([sys.executable, "-m", "tlreg", "cache", "clear"], capture_output=True,
+                         text=True, env=env, check=True)
+    assert "removed 3 cache entries" in out.stdout
+    assert not (cache / "features").exists() and not (cache / "decoded").exists()

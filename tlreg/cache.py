@@ -188,22 +188,34 @@ def cached_features(samples: Sequence[Sample], compute: Callable[[list[int]], tu
 
 
 def list_entries(root: Path | None = None) -> list[dict[str, Any]]:
-    """For `tlreg cache ls`: each entry's key, backbone, entry count and size on disk."""
-    base = cache_root(root) / "features"
+    """For `tlreg cache ls`: every entry of both caches tlreg writes, with its size on disk.
+
+    `kind` is `features` (this module) or `decoded` (tlreg.decoded's disk cache).
+    """
     rows = []
-    for d in sorted(base.glob("*")) if base.is_dir() else []:
-        meta_path = d / "meta.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
-        rows.append({"key": d.name, "backbone": meta.get("backbone"),
-                     "entries": meta.get("entries"), "bytes": size, "path": str(d)})
+    for kind in ("features", "decoded"):
+        base = cache_root(root) / kind
+        for d in sorted(base.glob("*")) if base.is_dir() else []:
+            meta = _read_json(d / ("meta.json" if kind == "features" else "index.json"))
+            entries = meta.get("entries") if kind == "features" else (
+                len(meta["shapes"]) if isinstance(meta.get("shapes"), list) else None)
+            size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+            rows.append({"kind": kind, "key": d.name, "backbone": meta.get("backbone"),
+                         "entries": entries, "bytes": size, "path": str(d)})
     return rows
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def clear(root: Path | None = None) -> int:
-    """Remove every cache entry; returns how many were removed."""
-    base = cache_root(root) / "features"
+    """Remove every entry of both caches; returns how many were removed."""
     entries = list_entries(root)
-    if base.is_dir():
-        shutil.rmtree(base)
+    for kind in ("features", "decoded"):
+        shutil.rmtree(cache_root(root) / kind, ignore_errors=True)
     return len(entries)

@@ -10,7 +10,8 @@ import typer
 from tlreg.cli._output import print_json, print_table
 from tlreg.errors import UsageError
 
-cache_app = typer.Typer(help="Inspect or clear the feature cache.", no_args_is_help=True)
+cache_app = typer.Typer(help="Inspect or clear the feature and decoded-image caches.",
+                        no_args_is_help=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -304,7 +305,7 @@ def _write_csv(path: Path, results: list[dict[str, Any]], top_k: int) -> None:
 
 @cache_app.command("ls")
 def cache_ls(as_json: bool = typer.Option(False, "--json")) -> None:
-    """Feature-cache entries: backbone, images, size."""
+    """Feature- and decoded-image-cache entries: backbone, images, size."""
     from tlreg.cache import cache_root, list_entries
 
     rows = list_entries()
@@ -312,15 +313,16 @@ def cache_ls(as_json: bool = typer.Option(False, "--json")) -> None:
         print_json(rows)
         return
     print_table(
-        ["key", "backbone", "images", "MB"],
-        [(r["key"], r["backbone"], r["entries"], f"{r['bytes'] / 1e6:.2f}") for r in rows],
-        title=f"feature cache in {cache_root()}",
+        ["kind", "key", "backbone", "images", "MB"],
+        [(r["kind"], r["key"], r["backbone"] or "-", r["entries"], f"{r['bytes'] / 1e6:.2f}")
+         for r in rows],
+        title=f"caches in {cache_root()}",
     )
 
 
 @cache_app.command("clear")
 def cache_clear() -> None:
-    """Remove every feature-cache entry."""
+    """Remove every entry of the feature and decoded-image caches."""
     from tlreg.cache import cache_root, clear
 
     n = clear()
