@@ -253,3 +253,44 @@ def test_a_split_with_no_readable_image_is_an_error(tmp_path: Path, policy: str,
             pretrained=False, img_size=32, workers=0, quiet=True, device="cpu", policy=policy,
             epochs=1, cache_dir=str(tmp_path / "cache"))
     assert not (tmp_path / "run").exists()  # nothing half-made to trip the next attempt
+
+
+def test_a_run_killed_before_its_first_epoch_starts_again(finished: tuple[Path, Path],
+                                                          tmp_path: Path) -> None:
+    from tlreg.train import fit
+
+    data, run = finished
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    for name in ("config.yaml", "model.json"):  # what a SIGKILL after two writes leaves
+        (killed / name).write_bytes((run / name).read_bytes())
+    with pytest.raises(UsageError, match="no completed epoch was saved; start it again"):
+        fit(resume=killed)
+    result = fit(data=str(data), out=str(killed), backbone="timm:test_resnet", pretrained=False,
+                 img_size=32, workers=0, quiet=True, device="cpu", policy="feature-extract")
+    assert result.summary["status"] == "completed"
+
+
+def test_stale_temporary_folders_are_cleaned_under_the_lock(finished: tuple[Path, Path]) -> None:
+    from tlreg.train import fit
+
+    _, run = finished
+    stale = [run / "checkpoints" / ".last.tmp-dead", run / ".config.yaml.x.tmp"]
+    stale[0].mkdir()
+    (stale[0] / "model.safetensors").write_bytes(b"half")
+    stale[1].write_text("half")
+    fit(resume=run, epochs=2)
+    assert not any(p.exists() for p in stale)
+
+
+def test_an_artifact_swap_killed_between_its_renames(finished: tuple[Path, Path],
+                                                     tmp_path: Path) -> None:
+    from tlreg.artifact import export_run, load_artifact
+
+    _, run = finished
+    art = export_run(run, tmp_path / "art")
+    art.rename(tmp_path / ".art.old")  # killed after the first rename of a second export
+    assert load_artifact(tmp_path / "art").info.num_classes == 2  # readers find the old state
+    export_run(run, tmp_path / "art")  # the next writer restores, then swaps
+    assert (tmp_path / "art" / "config.json").is_file()
+    assert not (tmp_path / ".art.old").exists()

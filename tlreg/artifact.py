@@ -290,6 +290,9 @@ def write_folder_atomically(directory: Path, write: Any) -> None:
     output path cannot wipe unrelated files; on any failure the old folder stays as it was.
     """
     directory = Path(directory)
+    old = directory.with_name(f".{directory.name}.old")
+    if not directory.exists() and old.is_dir():  # a swap killed between its two renames
+        os.replace(old, directory)
     if directory.exists() and not directory.is_dir():
         raise UsageError(f"{directory} exists and is not a folder")
     if directory.is_dir() and any(directory.iterdir()) and not _replaceable(directory):
@@ -297,7 +300,6 @@ def write_folder_atomically(directory: Path, write: Any) -> None:
                          f"choose a new folder (nothing was written)")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(directory.parent, prefix=f".{directory.name}.tmp-")
-    old = directory.with_name(f".{directory.name}.old")
     try:
         write(tmp)
         follow_umask(tmp)
@@ -593,6 +595,8 @@ def parse_source(source: str | os.PathLike[str]) -> tuple[str, str, str | None]:
         repo_id, rev = split_revision(text.removeprefix("hf:"))
         return "hub", repo_id, rev
     path = Path(text).expanduser()
+    if not path.exists() and path.with_name(f".{path.name}.old").is_dir():
+        return "artifact", str(path), None  # a swap killed between its renames: the old state
     if path.exists():
         if (path / "model.json").is_file():
             return "run", str(path), None
@@ -639,6 +643,8 @@ def load_artifact_dir(folder: Path, *, allow_backbone_mismatch: bool = False) ->
     from safetensors.torch import load_file
 
     folder = Path(folder)
+    if not folder.exists() and folder.with_name(f".{folder.name}.old").is_dir():
+        folder = folder.with_name(f".{folder.name}.old")  # the old state of a killed swap
     if not folder.is_dir():
         raise UsageError(f"{folder} is not a folder")
     check_no_pickles(_local_files(folder), str(folder))

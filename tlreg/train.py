@@ -69,7 +69,8 @@ def fit(config: TrainConfig | None = None, *, resume: str | Path | None = None,
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
             raise UsageError(f"cannot resume: {run_dir} is not a tlreg run (no config.yaml)")
-        config = TrainConfig.from_yaml(run_dir / "config.yaml", **options)
+        # The folder being resumed is the run, wherever it was first created (or moved to).
+        config = TrainConfig.from_yaml(run_dir / "config.yaml", **{**options, "out": str(run_dir)})
         if "batch_size" not in options:
             config = config.replace(batch_size=_resume_batch_size(run_dir, config.batch_size))
         return _run(Trainer(config, resume=True, callbacks=callbacks))
@@ -170,11 +171,45 @@ class Trainer:
 
     # -- set-up -----------------------------------------------------------------------------
 
+    def _unstarted(self) -> bool:
+        """A run folder killed before its first epoch was saved: nothing in it to keep."""
+        from tlreg.lock import LOCK_NAME
+
+        if not (self.run_dir / "config.yaml").is_file():
+            return False
+        if (self.run_dir / "checkpoints" / "last").exists() or (
+                self.run_dir / "checkpoints" / ".last.old").exists():
+            return False
+        return all(p.name in _RUN_FILES or p.name == LOCK_NAME or p.name.startswith(".")
+                   for p in self.run_dir.iterdir())
+
+    def _clean_stale(self) -> None:
+        """Under the lock, nobody else writes here: leftovers of killed writers go."""
+        if not self.run_dir.is_dir():
+            return
+        if not self.resume and self._unstarted():
+            _say(self.config, f"note: {self.run_dir} holds a run killed before its first "
+                              "epoch; starting it again")
+            for name in _RUN_FILES:
+                path = self.run_dir / name
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        for folder in (self.run_dir, self.run_dir / "checkpoints"):
+            for p in folder.glob(".*.tmp*") if folder.is_dir() else []:
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+
     def _check_out_dir(self) -> None:
         from tlreg.lock import LOCK_NAME
 
         if self.resume:
             return
+        if self.run_dir.exists() and self.run_dir.is_dir() and self._unstarted():
+            return  # cleaned under the lock (_clean_stale)
         if self.run_dir.exists() and (not self.run_dir.is_dir() or any(
                 p.name != LOCK_NAME for p in self.run_dir.iterdir())):
             raise UsageError(f"output folder {self.run_dir} already exists and is not empty; "
@@ -202,14 +237,17 @@ class Trainer:
         continue from.
         """
         with lock:
+            self._clean_stale()
             try:
                 yield
             except BaseException:
                 if created and not (self.run_dir / "checkpoints" / "last").exists():
-                    for name in ("config.yaml", "model.json", "run.json", "history.json",
-                                 "summary.json", "training.png"):
-                        (self.run_dir / name).unlink(missing_ok=True)
-                    shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
+                    for name in _RUN_FILES:
+                        path = self.run_dir / name
+                        if path.is_dir():
+                            shutil.rmtree(path, ignore_errors=True)
+                        else:
+                            path.unlink(missing_ok=True)
                 raise
 
     def _resolve(self, data: DataSplit) -> None:
@@ -1113,6 +1151,12 @@ def compile_seconds() -> float:
     from torch._dynamo.utils import calculate_time_spent
 
     return float(calculate_time_spent().get("total_wall_time", 0.0))
+
+
+#: What a run writes in its folder (a folder holding only these and no saved epoch is a run
+#: killed before it started).
+_RUN_FILES = ("config.yaml", "model.json", "run.json", "history.json", "summary.json",
+              "training.png", "checkpoints")
 
 
 def _require_readable(samples: Sequence[Sample], failed: int) -> None:
