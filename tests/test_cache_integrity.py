@@ -116,3 +116,25 @@ def test_cache_commands_cover_both_caches(tmp_path: Path) -> None:
                          text=True, env=env, check=True)
     assert "removed 3 cache entries" in out.stdout
     assert not (cache / "features").exists() and not (cache / "decoded").exists()
+
+
+def test_a_damaged_decoded_image_entry_is_decoded_again(tmp_path: Path) -> None:
+    data = colour_folder(tmp_path / "data", per_class=3, val_per_class=2)
+    cache = tmp_path / "cache"
+
+    def train(out: str) -> torch.Tensor:
+        r = fit(data=str(data), out=str(tmp_path / out), backbone="timm:test_resnet",
+                pretrained=False, img_size=32, workers=0, quiet=True, device="cpu",
+                policy="finetune", epochs=1, decoded_cache="disk", cache_dir=str(cache),
+                lp_ft=False)
+        return r.model.head[0].weight.detach().clone()
+
+    first = train("a")
+    entries = sorted((cache / "decoded").glob("*/data.npy"))
+    assert len(entries) == 2
+    raw = bytearray(entries[0].read_bytes())
+    raw[-1] ^= 0xFF  # one pixel of the last image
+    entries[0].write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match="decoded-image cache entry .* damaged .*checksum"):
+        again = train("b")
+    assert torch.equal(first, again)

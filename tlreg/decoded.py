@@ -171,7 +171,7 @@ def decode_all(samples: Sequence[Sample], data_config: dict[str, Any], *, mode: 
             warnings.warn(f"decoded-image cache off: cannot write {disk_dir} ({exc.strerror}); "
                           "the images stay in memory for this run", stacklevel=2)
             return decoded
-        loaded = _load_disk(disk_dir, samples, short)
+        loaded = _load_disk(disk_dir, samples, short, verify=False)  # just written
         if loaded is not None:  # serve from the memory map, so pages can be dropped
             return loaded
     return decoded
@@ -194,12 +194,20 @@ def _save_disk(folder: Path, decoded: DecodedImages) -> None:
                 arr[offset:offset + n] = t.reshape(-1).numpy()
                 offset += n
         arr.flush()
+        digest = hashlib.sha256(memoryview(arr)).hexdigest()
         del arr
     atomic_write_json(folder / "index.json", {"short_side": decoded.short_side,
-                                              "shapes": shapes, "offsets": offsets})
+                                              "shapes": shapes, "offsets": offsets,
+                                              "bytes": max(total, 1), "sha256": digest})
 
 
-def _load_disk(folder: Path, samples: Sequence[Sample], short: int) -> DecodedImages | None:
+def _load_disk(folder: Path, samples: Sequence[Sample], short: int,
+               verify: bool = True) -> DecodedImages | None:
+    """The entry as a memory map, or None (with one warning if it exists but is damaged).
+
+    Verified like the feature cache: the SHA-256 of the bytes, and shapes and offsets that
+    stay inside them; pixels are never trusted unchecked.
+    """
     import numpy as np
     import torch
 
@@ -209,9 +217,10 @@ def _load_disk(folder: Path, samples: Sequence[Sample], short: int) -> DecodedIm
     try:
         index = json.loads(index_path.read_text())
         data: np.ndarray = np.load(data_path, mmap_mode="c")  # copy-on-write: never writes
-    except (OSError, ValueError):
-        return None
-    if len(index["shapes"]) != len(samples):
+        _check_entry(index, data, len(samples), verify)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        warnings.warn(f"decoded-image cache entry {folder} is damaged ({exc}); decoding the "
+                      "images again", stacklevel=2)
         return None
     flat = torch.from_numpy(data)
     images: list[torch.Tensor | None] = []
@@ -221,6 +230,20 @@ def _load_disk(folder: Path, samples: Sequence[Sample], short: int) -> DecodedIm
         else:
             images.append(flat[off:off + math.prod(shape)].view(*shape))
     return DecodedImages(samples, short, images)
+
+
+def _check_entry(index: dict[str, Any], data: Any, count: int, verify: bool) -> None:
+    shapes, offsets = index["shapes"], index["offsets"]
+    if len(shapes) != count or len(offsets) != count:
+        raise ValueError(f"{len(shapes)} images recorded, {count} expected")
+    if data.ndim != 1 or data.shape[0] != index.get("bytes"):
+        raise ValueError("data size does not match its index")
+    for shape, off in zip(shapes, offsets, strict=True):
+        if shape is not None and not (off >= 0 and off + math.prod(shape) <= data.shape[0]):
+            raise ValueError("an image lies outside the data")
+    if verify and hashlib.sha256(memoryview(data)).hexdigest() != index.get("sha256"):
+        raise ValueError("checksum mismatch" if index.get("sha256") else
+                         "no checksum (written by an older tlreg)")
 
 
 # -- batched transforms on uint8 tensors ------------------------------------------------------
