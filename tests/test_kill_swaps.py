@@ -1,0 +1,82 @@
+"""SIGKILL at every visible step of an export: the old or the new artifact, never neither.
+
+Export, `export --format timm` and `pull --dir` all write through
+`tlreg.artifact.write_folder_atomically`; the child process below counts that function's
+file-system steps (renames, replaces, removals) and kills itself at step N, for every N.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from images import colour_folder
+
+from tlreg.artifact import export_run, load_artifact
+from tlreg.train import fit
+
+CHILD = r"""
+import os, shutil, signal, sys
+from tlreg.artifact import export_run
+kill_at, steps = int(sys.argv[3]), [0]
+def step(fn):
+    def wrapped(*a, **k):
+        steps[0] += 1
+        if steps[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return fn(*a, **k)
+    return wrapped
+os.replace, os.rename, shutil.rmtree, os.unlink = (
+    step(os.replace), step(os.rename), step(shutil.rmtree), step(os.unlink))
+export_run(sys.argv[1], sys.argv[2])
+print("steps", steps[0])
+"""
+
+
+def _head_digest(folder: Path) -> str:
+    return hashlib.sha256((folder / "head.safetensors").read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("kill")
+    data = colour_folder(root / "data", per_class=3, val_per_class=2)
+    out = []
+    for seed in (0, 1):
+        fit(data=str(data), out=str(root / f"run{seed}"), backbone="timm:test_resnet",
+            pretrained=False, img_size=32, workers=0, quiet=True, device="cpu",
+            policy="feature-extract", epochs=1, seed=seed, cache_dir=str(root / "cache"))
+        out.append(root / f"run{seed}")
+    return out[0], out[1]
+
+
+def test_sigkill_at_every_step_of_an_export(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    old_run, new_run = runs
+    probe = export_run(new_run, tmp_path / "probe")
+    new = _head_digest(probe)
+    export_run(old_run, tmp_path / "dry")  # count the steps of an export over an export
+    dry = subprocess.run([sys.executable, "-c", CHILD, str(new_run), str(tmp_path / "dry"), "0"],
+                         capture_output=True, text=True, check=True)
+    total = int(dry.stdout.split()[-1])
+    assert total >= 3  # the swap: old aside, new in, old removed
+    for kill_at in range(1, total + 1):
+        target = tmp_path / f"art{kill_at}"
+        old = _head_digest(export_run(old_run, target))
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(new_run), str(target),
+                               str(kill_at)], capture_output=True, text=True)
+        assert proc.returncode == -9, (kill_at, proc.stderr)
+        # What the next reader finds is complete: the old artifact or the new one.
+        found = load_artifact(target)
+        assert found.info.num_classes == 2
+        seen = target if target.is_dir() else target.with_name(f".{target.name}.old")
+        assert _head_digest(seen) in (old, new), kill_at
+        # And the next writer completes and leaves nothing behind.
+        export_run(new_run, target)
+        assert _head_digest(target) == new
+        # (a killed writer's own .tmp- folder stays: another exporter may be writing one)
+        leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{target.name}.")
+                     and not p.name.startswith(f".{target.name}.tmp-")]
+        assert leftovers == [], (kill_at, leftovers)
