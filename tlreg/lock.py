@@ -1,7 +1,8 @@
-"""One writer per folder: an exclusive `flock` on `FOLDER/.tlreg.lock`.
+"""One writer per folder: an exclusive POSIX record lock (`lockf`) on `FOLDER/.tlreg.lock`.
 
-The kernel releases a `flock` when its process dies, however it dies, so a lock left by a
-killed run is never stale: the next run takes it. The file holds the holder's pid and host,
+The kernel releases it when its process dies, however it dies, so a lock left by a killed run
+is never stale: the next run takes it. A record lock, not `flock`: `flock` locks are shared
+with forked children, so DataLoader workers orphaned by a SIGKILL would hold the run's lock. The file holds the holder's pid and host,
 for the message the second writer gets. On systems without `fcntl` (Windows) there is no lock.
 """
 
@@ -39,8 +40,8 @@ def exclusive(folder: Path, *, created: bool = False) -> Iterator[None]:
     path = folder / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
         holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "unknown"
         os.close(fd)
         raise FolderLocked(f"{folder} is being written by another tlreg process "
@@ -55,5 +56,5 @@ def exclusive(folder: Path, *, created: bool = False) -> Iterator[None]:
             path.unlink(missing_ok=True)  # still locked by us: no other writer can be inside
             with contextlib.suppress(OSError):
                 folder.rmdir()
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        fcntl.lockf(fd, fcntl.LOCK_UN)
         os.close(fd)
