@@ -2,8 +2,9 @@
 
 The kernel releases it when its process dies, however it dies, so a lock left by a killed run
 is never stale: the next run takes it. A record lock, not `flock`: `flock` locks are shared
-with forked children, so DataLoader workers orphaned by a SIGKILL would hold the run's lock. The file holds the holder's pid and host,
-for the message the second writer gets. On systems without `fcntl` (Windows) there is no lock.
+with forked children, so DataLoader workers orphaned by a SIGKILL would hold the run's lock.
+The file holds the holder's pid and host, for the message the second writer gets. On systems
+without `fcntl` (Windows) there is no lock.
 """
 
 from __future__ import annotations
