@@ -294,3 +294,31 @@ def test_an_artifact_swap_killed_between_its_renames(finished: tuple[Path, Path]
     export_run(run, tmp_path / "art")  # the next writer restores, then swaps
     assert (tmp_path / "art" / "config.json").is_file()
     assert not (tmp_path / ".art.old").exists()
+
+
+def test_a_checkpoint_swap_killed_between_renames_is_never_lost(tmp_path: Path) -> None:
+    """Resumed from `.last.old` (its swap was killed), the next save keeps a copy throughout."""
+    import torch
+
+    from tlreg.checkpoint import checkpoint_dir, read_checkpoint, save_checkpoint
+
+    last = tmp_path / "checkpoints" / "last"
+    save_checkpoint(last, {"w": torch.ones(2)}, {"epoch": 1})
+    last.rename(last.with_name(".last.old"))  # killed after the first rename of a save
+    assert checkpoint_dir(last) == last.with_name(".last.old")
+    seen: list[bool] = []
+    real_rmtree = __import__("shutil").rmtree
+
+    def watching_rmtree(path, *a, **k):  # at every removal, some complete copy must exist
+        seen.append(checkpoint_dir(last) is not None and Path(path) != checkpoint_dir(last))
+        return real_rmtree(path, *a, **k)
+
+    import shutil as _shutil
+
+    _shutil.rmtree = watching_rmtree
+    try:
+        save_checkpoint(last, {"w": torch.zeros(2)}, {"epoch": 2})
+    finally:
+        _shutil.rmtree = real_rmtree
+    assert seen and all(seen)
+    assert read_checkpoint(last)[1]["epoch"] == 2

@@ -163,6 +163,8 @@ def save_checkpoint(path: Path, model_state: Mapping[str, Tensor], state: Mappin
         follow_umask(tmp)
         _fsync_dir(tmp)
         old = path.with_name(f".{path.name}.old")
+        if not path.exists() and old.exists():  # a swap killed between its renames: the old
+            os.replace(old, path)  # copy is the only one; put it back before removing anything
         if old.exists():
             shutil.rmtree(old)
         if path.exists():
