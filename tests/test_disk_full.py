@@ -50,3 +50,18 @@ def test_a_full_output_disk_is_one_line(tmp_path: Path, small_disk: Path) -> Non
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: cannot write ") and "No space left on device" in last
     assert "Traceback" not in proc.stderr
+
+
+def test_a_read_only_output_folder_is_one_line(tmp_path: Path, small_disk: Path) -> None:
+    (small_disk / "runs").mkdir()
+    if subprocess.run(["mount", "-o", "remount,ro", str(small_disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot remount the tmpfs read-only here")
+    data = colour_folder(tmp_path / "data", per_class=4, val_per_class=2)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tlreg", "train", str(data), "--out",
+         str(small_disk / "runs" / "a"), "--backbone", "timm:test_resnet", "--no-pretrained",
+         "--img-size", "32", "--device", "cpu", "--quiet"], capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot write ") and "Read-only file system" in last, last
