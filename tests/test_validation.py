@@ -322,3 +322,12 @@ def test_a_checkpoint_swap_killed_between_renames_is_never_lost(tmp_path: Path) 
         _shutil.rmtree = real_rmtree
     assert seen and all(seen)
     assert read_checkpoint(last)[1]["epoch"] == 2
+
+
+def test_a_val_split_that_ends_up_empty_is_an_error(tmp_path: Path) -> None:
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / c / "1.png")
+    with pytest.raises(UsageError, match="validation split of .* is empty: every class has a "
+                                         "single image"):
+        discover(tmp_path, 0.2)

@@ -101,6 +101,10 @@ def discover(data_dir: str | Path, val_split: float | None = None, seed: int = 0
     if len(classes) < 2:
         raise UsageError(f"{root} has a single class ({classes[0]!r}); classification needs two "
                          "or more class folders")
+    if not val:
+        raise UsageError(f"the validation split of {root} is empty: "
+                         + ("every class has a single image, which stays in train; add images "
+                            "or a val/ folder" if val_split is not None else "val/ has no images"))
     return DataSplit(classes, tuple(train), tuple(val))
 
 
