@@ -328,6 +328,6 @@ def test_a_val_split_that_ends_up_empty_is_an_error(tmp_path: Path) -> None:
     for c in ("a", "b"):
         (tmp_path / c).mkdir()
         Image.new("RGB", (8, 8)).save(tmp_path / c / "1.png")
-    with pytest.raises(UsageError, match="validation split of .* is empty: every class has a "
+    with pytest.raises(UsageError, match=r"validation split of .* is empty: every class has a "
                                          "single image"):
         discover(tmp_path, 0.2)
