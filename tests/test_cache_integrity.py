@@ -138,3 +138,29 @@ def test_a_damaged_decoded_image_entry_is_decoded_again(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="decoded-image cache entry .* damaged .*checksum"):
         again = train("b")
     assert torch.equal(first, again)
+
+
+def test_an_entry_being_written_by_another_process_is_left_to_it(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    data = colour_folder(tmp_path / "data", per_class=3, val_per_class=2)
+    cache = tmp_path / "cache"
+    run(data, tmp_path / "first", cache)
+    folder = entry(cache).parent
+    before = (folder / "entry" / "model.safetensors").read_bytes()
+    (data / "train" / "red" / "new.png").write_bytes(
+        (data / "train" / "red" / "red_000.png").read_bytes())  # one image to add
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from tlreg.lock import "
+         "exclusive\nwith exclusive(Path(sys.argv[1])):\n    print('locked', flush=True); "
+         "sys.stdin.read()", str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        run(data, tmp_path / "second", cache)  # trains; does not touch the locked entry
+        assert (folder / "entry" / "model.safetensors").read_bytes() == before
+    finally:
+        holder.communicate("")
+    run(data, tmp_path / "third", cache)  # free again: the new image is written
+    assert (folder / "entry" / "model.safetensors").read_bytes() != before

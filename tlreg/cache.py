@@ -106,20 +106,30 @@ class FeatureCache:
         self._compact()
         if self.read_only:
             return
+        from tlreg.lock import FolderLocked, exclusive
+
         try:
-            save_checkpoint(self.dir / "entry", {"features": self.features},
-                            {"index": self.index, "sha256": _digest(self.features),
-                             "shape": list(self.features.shape)})
-            atomic_write_json(self.dir / "meta.json", {
-                "backbone": self.key.backbone, "weights_sha256": self.key.weights_sha256,
-                "data_config": dict(self.key.data_config), "entries": len(self.index),
-            })
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with exclusive(self.dir):  # one writer per entry: two swaps must not interleave
+                self._write()
+        except FolderLocked:
+            pass  # another run is writing this entry now; ours stays in memory this time
         except OSError as exc:  # full or read-only: the cache is optional, the run goes on
             import warnings
 
             self.read_only = True
             warnings.warn(f"feature cache off: cannot write {self.dir} ({exc.strerror}); "
                           "features stay in memory for this run", stacklevel=2)
+
+    def _write(self) -> None:
+        assert self.features is not None
+        save_checkpoint(self.dir / "entry", {"features": self.features},
+                        {"index": self.index, "sha256": _digest(self.features),
+                         "shape": list(self.features.shape)})
+        atomic_write_json(self.dir / "meta.json", {
+            "backbone": self.key.backbone, "weights_sha256": self.key.weights_sha256,
+            "data_config": dict(self.key.data_config), "entries": len(self.index),
+        })
 
     def _compact(self) -> None:
         """Drop rows no index entry points to (replaced files)."""
