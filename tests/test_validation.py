@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -331,3 +332,24 @@ def test_a_val_split_that_ends_up_empty_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"validation split of .* is empty: every class has a "
                                          "single image"):
         discover(tmp_path, 0.2)
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("model.json", "{not json", "is damaged or not tlreg's"),
+    ("model.json", '{"info": []}', "'info' is list"),
+    ("model.json", '{"info": {"backbone": 3}}', "info.backbone is missing"),
+    ("checkpoints/last/state.json", '{"epoch": "2"}', "last checkpoint is damaged"),
+    ("checkpoints/last/state.json", "[1, 2]", "not a JSON object"),
+])
+def test_damaged_run_files_are_one_clear_error(finished: tuple[Path, Path], name: str,
+                                               content: str, message: str) -> None:
+    from tlreg.predict import load_model
+    from tlreg.train import fit
+
+    _, run = finished
+    (run / name).write_text(content)
+    with pytest.raises(UsageError, match=re.escape(message)):
+        fit(resume=run, epochs=2)
+    if name == "model.json":
+        with pytest.raises(UsageError, match=re.escape(message)):
+            load_model(str(run))

@@ -202,7 +202,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any],
     found = checkpoint_dir(path)
     if found is None:
         raise UsageError(f"no checkpoint at {path}")
-    state = json.loads((found / STATE_FILE).read_text(encoding="utf-8"))
+    state = read_json(found / STATE_FILE, what="checkpoint state")
     tensors = load_file(found / MODEL_FILE)
     if (found / FROZEN_FILE).is_file():
         tensors.update(load_file(found / FROZEN_FILE))
@@ -221,9 +221,56 @@ def info_to_dict(info: ModelInfo) -> dict[str, Any]:
     return d
 
 
+MAX_JSON_BYTES = 64 << 20  # a run's history of thousands of epochs is a few MB
+
+#: The keys (and types) run files must have; checked on every read. (A checkpoint's
+#: state.json is checked by its reader: training's and the feature cache's differ.)
+RUN_SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    MODEL_JSON: {"info": dict},
+}
+#: A training checkpoint's state.json (the `last` one, which --resume reads).
+TRAIN_STATE_SCHEMA: dict[str, type | tuple[type, ...]] = {
+    "epoch": int, "history": list, "optimizer": dict, "scheduler": dict, "rng": dict,
+    "best_val_accuracy": (int, float), "skipped": list,
+}
+_INFO_SCHEMA: dict[str, type | tuple[type, ...]] = {
+    "backbone": str, "timm_name": str, "head": str, "num_classes": int, "policy": str,
+    "head_args": dict, "policy_args": dict, "label_names": (list, tuple),
+}
+
+
+def read_json(path: Path, schema: Mapping[str, type | tuple[type, ...]] | None = None,
+              what: str = "run file") -> dict[str, Any]:
+    """A JSON object from a file tlreg wrote, bounded in size and checked against `schema`.
+
+    A damaged or hand-edited file is one UsageError naming it, never a KeyError or TypeError
+    deep inside the code that trusted it.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise ValueError(f"{size:,} bytes, over the {MAX_JSON_BYTES:,} allowed")
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        for key, typ in (schema or RUN_SCHEMAS.get(path.name, {})).items():
+            if key not in data:
+                raise ValueError(f"no {key!r}")
+            if not isinstance(data[key], typ) or (typ is int and isinstance(data[key], bool)):
+                raise ValueError(f"{key!r} is {type(data[key]).__name__}")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UsageError(f"{what} {path} is damaged or not tlreg's ({exc})") from None
+    return data
+
+
 def info_from_dict(d: Mapping[str, Any]) -> ModelInfo:
     from tlreg.model import ModelInfo
 
+    for key, typ in _INFO_SCHEMA.items():
+        if not isinstance(d.get(key), typ) or (typ is int and isinstance(d.get(key), bool)):
+            raise UsageError(f"model.json's info.{key} is missing or not "
+                             f"{getattr(typ, '__name__', 'a list')}: the run file is damaged")
     d = dict(d)
     d["label_names"] = tuple(d.get("label_names") or ())
     known = set(ModelInfo.__dataclass_fields__)
@@ -246,7 +293,7 @@ def load_run_model(run_dir: Path, checkpoint: str = "best") -> TransferModel:
     meta_path = run_dir / MODEL_JSON
     if not meta_path.is_file():
         raise UsageError(f"{run_dir} is not a tlreg run directory (no {MODEL_JSON})")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta = read_json(meta_path)
     info = info_from_dict(meta["info"])
     if meta.get("data_config"):  # the preprocessing it was trained with (--img-size included)
         info = replace(info, data_config=_tuples(meta["data_config"]))

@@ -262,9 +262,9 @@ class Trainer:
             cfg = cfg.replace(policy_args=_lp_ft_args(cfg, cfg.policy, cfg.policy_args))
         self.requested = cfg  # what the user asked for; _plan() fills in the rest from it
         if self.resume:
-            from tlreg.checkpoint import info_from_dict
+            from tlreg.checkpoint import info_from_dict, read_json
 
-            meta = json.loads((self.run_dir / "model.json").read_text())
+            meta = read_json(self.run_dir / "model.json")
             self.model = build_from_info(info_from_dict(meta["info"]), pretrained=False)
             self.pretrained_sha256 = meta.get("pretrained_sha256")
         else:
@@ -1053,11 +1053,18 @@ class Trainer:
         import torch
 
         last = self.run_dir / "checkpoints" / "last"
-        try:
-            model_state, state, tensors = read_checkpoint(last)
-        except UsageError:
+        from tlreg.checkpoint import checkpoint_dir
+
+        if checkpoint_dir(last) is None:
             raise UsageError(f"cannot resume {self.run_dir}: no completed epoch was saved; "
-                             "start it again") from None
+                             "start it again")
+        model_state, state, tensors = read_checkpoint(last)
+        from tlreg.checkpoint import TRAIN_STATE_SCHEMA
+
+        bad = [k for k, t in TRAIN_STATE_SCHEMA.items() if not isinstance(state.get(k), t)]
+        if bad or not tensors or "rng.torch" not in tensors:
+            raise UsageError(f"cannot resume {self.run_dir}: its last checkpoint is damaged "
+                             f"({', '.join(bad) or 'no training state'}); start a new run")
         self.model.load_state_dict(model_state, strict=True)
         tensors = tensors or {}
         opt_state: dict[int, dict[str, Any]] = {
