@@ -80,3 +80,57 @@ def test_sigkill_at_every_step_of_an_export(runs: tuple[Path, Path], tmp_path: P
         leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{target.name}.")
                      and not p.name.startswith(f".{target.name}.tmp-")]
         assert leftovers == [], (kill_at, leftovers)
+
+
+RUN_CHILD = r"""
+import os, shutil, signal, sys
+kill_at, steps = int(sys.argv[3]), [0]
+def step(fn):
+    def wrapped(*a, **k):
+        steps[0] += 1
+        if steps[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return fn(*a, **k)
+    return wrapped
+os.replace, os.rename, shutil.rmtree, os.unlink, os.link = (
+    step(os.replace), step(os.rename), step(shutil.rmtree), step(os.unlink), step(os.link))
+from tlreg.train import fit
+fit(data=sys.argv[1], out=sys.argv[2], backbone="timm:test_resnet", pretrained=False,
+    img_size=32, workers=0, quiet=True, device="cpu", policy="feature-extract", epochs=1,
+    cache_dir=sys.argv[4])
+print("steps", steps[0])
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_at_every_write_step_of_a_run(tmp_path: Path) -> None:
+    """Killed at any rename or removal, a run resumes (or, before its first epoch, starts
+    again under the same --out) and ends with the uninterrupted run's weights."""
+    import torch
+
+    from tlreg.checkpoint import read_checkpoint
+    from tlreg.errors import UsageError
+
+    data = colour_folder(tmp_path / "data", per_class=3, val_per_class=2)
+    ref = subprocess.run([sys.executable, "-c", RUN_CHILD, str(data), str(tmp_path / "ref"), "0",
+                          str(tmp_path / "cache-ref")], capture_output=True, text=True, check=True)
+    total = int(ref.stdout.split()[-1])
+    want, _, _ = read_checkpoint(tmp_path / "ref" / "checkpoints" / "last")
+    for kill_at in range(1, total + 1):
+        out = tmp_path / f"run{kill_at}"
+        cache = str(tmp_path / f"cache{kill_at}")  # cold, as the reference's was: same steps
+        proc = subprocess.run([sys.executable, "-c", RUN_CHILD, str(data), str(out),
+                               str(kill_at), cache], capture_output=True, text=True)
+        assert proc.returncode == -9, (kill_at, proc.stderr)
+        try:
+            fit(resume=out)
+        except UsageError as exc:
+            assert ("no completed epoch was saved" in str(exc)
+                    or "is not a tlreg run (no config.yaml)" in str(exc)), (kill_at, exc)
+            fit(data=str(data), out=str(out), backbone="timm:test_resnet", pretrained=False,
+                img_size=32, workers=0, quiet=True, device="cpu", policy="feature-extract",
+                epochs=1, cache_dir=cache)
+        got, _, _ = read_checkpoint(out / "checkpoints" / "last")
+        assert got.keys() == want.keys()
+        for k in want:
+            assert torch.equal(got[k], want[k]), (kill_at, k)

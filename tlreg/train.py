@@ -69,6 +69,11 @@ def fit(config: TrainConfig | None = None, *, resume: str | Path | None = None,
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
             raise UsageError(f"cannot resume: {run_dir} is not a tlreg run (no config.yaml)")
+        from tlreg.checkpoint import checkpoint_dir
+
+        if checkpoint_dir(run_dir / "checkpoints" / "last") is None:  # before reading the rest
+            raise UsageError(f"cannot resume {run_dir}: no completed epoch was saved; start it "
+                             f"again (the same --out {run_dir} works)")
         # The folder being resumed is the run, wherever it was first created (or moved to).
         config = TrainConfig.from_yaml(run_dir / "config.yaml", **{**options, "out": str(run_dir)})
         if "batch_size" not in options:
