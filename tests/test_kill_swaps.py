@@ -121,6 +121,9 @@ def test_sigkill_at_every_write_step_of_a_run(tmp_path: Path) -> None:
         cache = str(tmp_path / f"cache{kill_at}")  # cold, as the reference's was: same steps
         proc = subprocess.run([sys.executable, "-c", RUN_CHILD, str(data), str(out),
                                str(kill_at), cache], capture_output=True, text=True)
+        if proc.returncode == 0:  # the last step or two (clean-ups) vary from run to run
+            assert kill_at > total - 3, (kill_at, total)
+            continue
         assert proc.returncode == -9, (kill_at, proc.stderr)
         try:
             fit(resume=out)
