@@ -18,10 +18,11 @@ from images import colour_folder
 from tlreg.artifact import export_run, load_artifact
 from tlreg.train import fit
 
-CHILD = r"""
+# Counts the visible file-system steps (renames, replaces, removals, links) and SIGKILLs the
+# process at step argv[1]; then runs the code that follows it.
+KILLER = r"""
 import os, shutil, signal, sys
-from tlreg.artifact import export_run
-kill_at, steps = int(sys.argv[3]), [0]
+kill_at, steps = int(sys.argv[1]), [0]
 def step(fn):
     def wrapped(*a, **k):
         steps[0] += 1
@@ -29,9 +30,12 @@ def step(fn):
             os.kill(os.getpid(), signal.SIGKILL)
         return fn(*a, **k)
     return wrapped
-os.replace, os.rename, shutil.rmtree, os.unlink = (
-    step(os.replace), step(os.rename), step(shutil.rmtree), step(os.unlink))
-export_run(sys.argv[1], sys.argv[2])
+os.replace, os.rename, shutil.rmtree, os.unlink, os.link = (
+    step(os.replace), step(os.rename), step(shutil.rmtree), step(os.unlink), step(os.link))
+"""
+CHILD = KILLER + r"""
+from tlreg.artifact import export_run
+export_run(sys.argv[2], sys.argv[3])
 print("steps", steps[0])
 """
 
@@ -58,15 +62,15 @@ def test_sigkill_at_every_step_of_an_export(runs: tuple[Path, Path], tmp_path: P
     probe = export_run(new_run, tmp_path / "probe")
     new = _head_digest(probe)
     export_run(old_run, tmp_path / "dry")  # count the steps of an export over an export
-    dry = subprocess.run([sys.executable, "-c", CHILD, str(new_run), str(tmp_path / "dry"), "0"],
+    dry = subprocess.run([sys.executable, "-c", CHILD, "0", str(new_run), str(tmp_path / "dry")],
                          capture_output=True, text=True, check=True)
     total = int(dry.stdout.split()[-1])
     assert total >= 3  # the swap: old aside, new in, old removed
     for kill_at in range(1, total + 1):
         target = tmp_path / f"art{kill_at}"
         old = _head_digest(export_run(old_run, target))
-        proc = subprocess.run([sys.executable, "-c", CHILD, str(new_run), str(target),
-                               str(kill_at)], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(kill_at), str(new_run),
+                               str(target)], capture_output=True, text=True)
         assert proc.returncode == -9, (kill_at, proc.stderr)
         # What the next reader finds is complete: the old artifact or the new one.
         found = load_artifact(target)
@@ -82,20 +86,9 @@ def test_sigkill_at_every_step_of_an_export(runs: tuple[Path, Path], tmp_path: P
         assert leftovers == [], (kill_at, leftovers)
 
 
-RUN_CHILD = r"""
-import os, shutil, signal, sys
-kill_at, steps = int(sys.argv[3]), [0]
-def step(fn):
-    def wrapped(*a, **k):
-        steps[0] += 1
-        if steps[0] == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return fn(*a, **k)
-    return wrapped
-os.replace, os.rename, shutil.rmtree, os.unlink, os.link = (
-    step(os.replace), step(os.rename), step(shutil.rmtree), step(os.unlink), step(os.link))
+RUN_CHILD = KILLER + r"""
 from tlreg.train import fit
-fit(data=sys.argv[1], out=sys.argv[2], backbone="timm:test_resnet", pretrained=False,
+fit(data=sys.argv[2], out=sys.argv[3], backbone="timm:test_resnet", pretrained=False,
     img_size=32, workers=0, quiet=True, device="cpu", policy="feature-extract", epochs=1,
     cache_dir=sys.argv[4])
 print("steps", steps[0])
@@ -112,15 +105,15 @@ def test_sigkill_at_every_write_step_of_a_run(tmp_path: Path) -> None:
     from tlreg.errors import UsageError
 
     data = colour_folder(tmp_path / "data", per_class=3, val_per_class=2)
-    ref = subprocess.run([sys.executable, "-c", RUN_CHILD, str(data), str(tmp_path / "ref"), "0",
+    ref = subprocess.run([sys.executable, "-c", RUN_CHILD, "0", str(data), str(tmp_path / "ref"),
                           str(tmp_path / "cache-ref")], capture_output=True, text=True, check=True)
     total = int(ref.stdout.split()[-1])
     want, _, _ = read_checkpoint(tmp_path / "ref" / "checkpoints" / "last")
     for kill_at in range(1, total + 1):
         out = tmp_path / f"run{kill_at}"
         cache = str(tmp_path / f"cache{kill_at}")  # cold, as the reference's was: same steps
-        proc = subprocess.run([sys.executable, "-c", RUN_CHILD, str(data), str(out),
-                               str(kill_at), cache], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-c", RUN_CHILD, str(kill_at), str(data),
+                               str(out), cache], capture_output=True, text=True)
         if proc.returncode == 0:  # the last step or two (clean-ups) vary from run to run
             assert kill_at > total - 3, (kill_at, total)
             continue

@@ -15,7 +15,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -195,18 +195,9 @@ class Trainer:
         if not self.resume and self._unstarted():
             _say(self.config, f"note: {self.run_dir} holds a run killed before its first "
                               "epoch; starting it again")
-            for name in _RUN_FILES:
-                path = self.run_dir / name
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
+            _remove(self.run_dir / name for name in _RUN_FILES)
         for folder in (self.run_dir, self.run_dir / "checkpoints"):
-            for p in folder.glob(".*.tmp*") if folder.is_dir() else []:
-                if p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
+            _remove(folder.glob(".*.tmp*") if folder.is_dir() else [])
 
     def _check_out_dir(self) -> None:
         from tlreg.lock import LOCK_NAME
@@ -247,12 +238,7 @@ class Trainer:
                 yield
             except BaseException:
                 if created and not (self.run_dir / "checkpoints" / "last").exists():
-                    for name in _RUN_FILES:
-                        path = self.run_dir / name
-                        if path.is_dir():
-                            shutil.rmtree(path, ignore_errors=True)
-                        else:
-                            path.unlink(missing_ok=True)
+                    _remove(self.run_dir / name for name in _RUN_FILES)
                 raise
 
     def _resolve(self, data: DataSplit) -> None:
@@ -1169,6 +1155,15 @@ def compile_seconds() -> float:
 #: killed before it started).
 _RUN_FILES = ("config.yaml", "model.json", "run.json", "history.json", "summary.json",
               "training.png", "checkpoints")
+
+
+def _remove(paths: Iterable[Path]) -> None:
+    """Files and folders, whichever each is; missing ones are fine."""
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _require_readable(samples: Sequence[Sample], failed: int) -> None:
