@@ -207,7 +207,7 @@ class Trainer:
         if self.run_dir.exists() and self.run_dir.is_dir() and self._unstarted():
             return  # cleaned under the lock (_clean_stale)
         if self.run_dir.exists() and (not self.run_dir.is_dir() or any(
-                p.name != LOCK_NAME for p in self.run_dir.iterdir())):
+                p.name != LOCK_NAME and not _leftover(p.name) for p in self.run_dir.iterdir())):
             raise UsageError(f"output folder {self.run_dir} already exists and is not empty; "
                              f"choose another --out, or continue it with --resume {self.run_dir}")
 
@@ -1155,6 +1155,11 @@ def compile_seconds() -> float:
 #: killed before it started).
 _RUN_FILES = ("config.yaml", "model.json", "run.json", "history.json", "summary.json",
               "training.png", "checkpoints")
+
+
+def _leftover(name: str) -> bool:
+    """A killed writer's temporary file (`.NAME.XXXX.tmp`, `.NAME.tmp-XXXX`): not a user's."""
+    return name.startswith(".") and (name.endswith(".tmp") or ".tmp-" in name)
 
 
 def _remove(paths: Iterable[Path]) -> None:
