@@ -149,7 +149,7 @@ def _scores(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
             float(F.cross_entropy(logits, y, reduction="sum")))
 
 
-def _choose(path: Sequence[dict[str, float]], key: str) -> dict[str, float]:
+def _choose(path: Sequence[dict[str, float]]) -> dict[str, float]:
     """Highest CV accuracy; ties go to the lower CV loss (the smoother score)."""
     return max(path, key=lambda p: (round(p["cv_accuracy"], 12), -p["cv_loss"]))
 
@@ -221,7 +221,7 @@ def cv_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
             since_best = 0 if better else since_best + 1
             if since_best >= _PATIENCE:  # neither score improves: weaker C only over-fits
                 break
-        chosen = _choose(path, "C")
+        chosen = _choose(path)
         C, reason = chosen["C"], (f"C={chosen['C']:.3g}: best {k}-fold CV accuracy "
                                   f"{chosen['cv_accuracy']:.4f} of {len(path)} on the path")
     else:
@@ -334,7 +334,7 @@ def cv_steps(make_head: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tenso
                              seed=seed + f, label_smoothing=label_smoothing, at=marks, on=score)
             path += [{"weight_decay": wd, "steps": m, "cv_accuracy": correct[m] / len(y),
                       "cv_loss": loss[m] / len(y)} for m in marks]
-        chosen = _choose(path, "steps")
+        chosen = _choose(path)
         wd, steps = chosen["weight_decay"], int(chosen["steps"])
         reason = (f"weight decay {wd:g}, {steps} steps: best {k}-fold CV accuracy "
                   f"{chosen['cv_accuracy']:.4f} of {len(path)} choices")

@@ -516,11 +516,9 @@ class Trainer:
             self._decide(data, torch.bincount(y, minlength=len(data.classes)), fit)
         if self.use_features and self.config.solver == "cv":
             self.head_fit = fit  # auto chose feature extraction: this fit is the run's
-        elif self.use_features:  # an SGD run (--epochs given) starts from the usual init
-            self.model.head.load_state_dict(initial)
-        elif self.config.lp_ft:
+        elif not self.use_features and self.config.lp_ft:
             self.lp_fit = fit
-        else:
+        else:  # an SGD run (--epochs given), or no LP-FT: the head starts from its usual init
             self.model.head.load_state_dict(initial)
 
     def _decide(self, data: DataSplit, counts: torch.Tensor, fit: HeadFit) -> None:
