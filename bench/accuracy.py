@@ -51,12 +51,15 @@ def train(data: Path, out: Path, cache: Path, method: str, seed: int) -> dict[st
     if r["rc"] != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{r['stderr_tail']}")
     summary = json.loads((out / "summary.json").read_text())
+    history = json.loads((out / "history.json").read_text())
     chosen = (summary.get("policy_auto") or {}).get("policy")
     return {"seed": seed, "val_accuracy": summary["val_accuracy"], "wall_s": r["wall_s"],
             "epochs": summary["epochs"], "auto_policy": chosen,
             "auto_reason": (summary.get("policy_auto") or {}).get("reason"),
             "head_fit": summary.get("head_fit") or summary.get("linear_probe"),
-            "finetune_defaults": summary.get("finetune_defaults")}
+            "finetune_defaults": summary.get("finetune_defaults"),
+            "augment": summary.get("augment"),
+            "val_accuracy_by_epoch": [e["val_accuracy"] for e in history]}
 
 
 def reference(data: Path, cache: Path, seed: int) -> dict[str, Any]:
@@ -110,9 +113,10 @@ def run_dataset(name: str, methods: tuple[str, ...], seeds: tuple[int, ...],
         result["runs"][method] = runs
         print(f"{name} {method}: " + ", ".join(f"{r['val_accuracy']:.4f}" for r in runs),
               flush=True)
-    result["runs"]["reference"] = [reference(data, cache, s) for s in seeds]
-    result["val_images"] = result["runs"]["reference"][0]["val_images"]
-    result["train_images"] = result["runs"]["reference"][0]["train_images"]
+    if "feature-extract" in methods:  # its run cached the val features the reference needs
+        result["runs"]["reference"] = [reference(data, cache, s) for s in seeds]
+        result["val_images"] = result["runs"]["reference"][0]["val_images"]
+        result["train_images"] = result["runs"]["reference"][0]["train_images"]
     return result
 
 
@@ -180,7 +184,7 @@ def demo() -> None:
 
 
 def run(quick: bool = False, data: list[str] | None = None,
-        methods: tuple[str, ...] = METHODS) -> None:
+        methods: tuple[str, ...] = METHODS, seeds: tuple[int, ...] = SEEDS) -> None:
     import tempfile
 
     try:
@@ -201,11 +205,11 @@ def run(quick: bool = False, data: list[str] | None = None,
             return
         RESULTS.mkdir(parents=True, exist_ok=True)
         for name in data or list(_datasets.SOURCES):
-            res = run_dataset(name, methods, SEEDS, Path(t))
+            res = run_dataset(name, methods, seeds, Path(t))
             path = RESULTS / f"accuracy-{name}.json"
             if path.is_file() and set(methods) != set(METHODS):  # keep the methods not rerun
-                kept = json.loads(path.read_text()).get("runs", {})
-                res["runs"] = {**kept, **res["runs"]}
+                old = json.loads(path.read_text())
+                res = {**old, **res, "runs": {**old.get("runs", {}), **res["runs"]}}
             (RESULTS / f"accuracy-{name}.json").write_text(json.dumps(res, indent=2) + "\n")
             write_section("accuracy-suite", table())
     print(table())
@@ -217,8 +221,11 @@ if __name__ == "__main__":
     parser.add_argument("--data", nargs="*", choices=list(_datasets.SOURCES))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--demo", action="store_true", help="only `tlreg demo`, timed")
+    parser.add_argument("--seeds", type=int, default=len(SEEDS),
+                        help="at most this many seeds per method (the table marks fewer)")
     args = parser.parse_args()
     if args.demo:
         demo()
     else:
-        run(args.quick, args.data, tuple(m for m in args.methods.split(",") if m))
+        run(args.quick, args.data, tuple(m for m in args.methods.split(",") if m),
+            SEEDS[:max(1, args.seeds)])

@@ -57,6 +57,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return out[0], out[1]
 
 
+@pytest.mark.slow
 def test_sigkill_at_every_step_of_an_export(runs: tuple[Path, Path], tmp_path: Path) -> None:
     old_run, new_run = runs
     probe = export_run(new_run, tmp_path / "probe")

@@ -292,7 +292,7 @@ def test_finetune_epochs_aim_at_a_step_budget() -> None:
                                    probed=True)
     mid = auto.finetune_defaults(train_images=1280, global_batch=32, head_lr=1e-3, probed=True)
     assert (big.epochs, small.epochs, mid.epochs) == (auto.MIN_EPOCHS, auto.MAX_EPOCHS, 5)
-    assert mid.lr == pytest.approx(1e-3 / 3) and 0 < mid.warmup_epochs < mid.epochs
+    assert mid.lr == pytest.approx(1e-3 / 10) and 0 < mid.warmup_epochs < mid.epochs
     plain = auto.finetune_defaults(train_images=1280, global_batch=32, head_lr=1e-3,
                                    probed=False)
     assert plain.lr == 1e-3 and plain.warmup_epochs == 1.0

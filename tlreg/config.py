@@ -55,6 +55,11 @@ class TrainConfig:
     val_split: float | None = None
     img_size: int | None = None
     augment: bool | None = None
+    # Training augmentation (None: measured by the probe when LP-FT runs, else timm's 0.08,
+    # 0.5, 0.4; tlreg/augment.py)
+    crop_scale: float | None = None  # RandomResizedCrop's smallest area; 0: no random crop
+    hflip: float | None = None
+    color_jitter: float | None = None
     cache: bool = True
     cache_dir: str | None = None
     decoded_cache: str = "auto"  # auto: memory when the backbone trains and it fits
@@ -138,6 +143,9 @@ _RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "cv_folds": (2, None, "both"),
     "val_split": (0, 1, "none"),
     "img_size": (16, 4096, "both"),
+    "crop_scale": (0, 1, "both"),
+    "hflip": (0, 1, "both"),
+    "color_jitter": (0, None, "both"),
     "decoded_cache_gb": (0, None, "both"),
     "workers": (0, None, "both"),
     "seed": (0, None, "both"),

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from tlreg.augment import Augment
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 
 
@@ -178,13 +180,32 @@ def data_config_for(model_config: dict[str, Any], img_size: int | None) -> dict[
     return cfg
 
 
-def build_transform(data_config: dict[str, Any], *, train: bool) -> Callable[[Any], Any]:
-    """timm's transform for this data config: eval (deterministic) or training augmentation."""
+def build_transform(data_config: dict[str, Any], *, train: bool,
+                    augment: Augment | None = None) -> Callable[[Any], Any]:
+    """timm's transform for this data config: eval (deterministic) or training augmentation.
+
+    `augment` sets the training transform's crop floor, flip rate and jitter (timm's defaults
+    when None).
+    """
     from tlreg import _timm
+    from tlreg.augment import TIMM
 
     keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-    return _timm.create_transform(**{k: data_config[k] for k in keys if k in data_config},
-                                  is_training=train)
+    base = {k: data_config[k] for k in keys if k in data_config}
+    a = augment or TIMM
+    if not train:
+        return _timm.create_transform(**base, is_training=False)
+    if a.crop_scale > 0:
+        return _timm.create_transform(**base, is_training=True, scale=(a.crop_scale, 1.0),
+                                      hflip=a.hflip, color_jitter=a.color_jitter)
+    # No random crop: timm's eval pipeline, with the flip and jitter before its ToTensor.
+    from torchvision import transforms as T
+
+    tf = _timm.create_transform(**base, is_training=False)
+    at = next(i for i, t in enumerate(tf.transforms) if "ToTensor" in type(t).__name__)
+    tf.transforms[at:at] = ([T.RandomHorizontalFlip(a.hflip)] if a.hflip else []) + (
+        [T.ColorJitter(*(a.color_jitter,) * 3)] if a.color_jitter else [])
+    return tf
 
 
 class ImageDataset:

@@ -250,7 +250,8 @@ def _check_entry(index: dict[str, Any], data: Any, count: int, verify: bool) -> 
 
 
 def _params(seed: int, index: int, height: int, width: int, scale: tuple[float, float],
-            ratio: tuple[float, float]) -> tuple[int, int, int, int, bool, list[float]]:
+            ratio: tuple[float, float],
+            hflip: float = 0.5) -> tuple[int, int, int, int, bool, list[float]]:
     """RandomResizedCrop box, flip and jitter factors for one sample, from (seed, index)."""
     import torch
 
@@ -277,7 +278,7 @@ def _params(seed: int, index: int, height: int, width: int, scale: tuple[float, 
             w, h = width, height
         box = ((height - h) // 2, (width - w) // 2, h, w)
     rest = torch.rand(4, generator=g).tolist()
-    return (*box, rest[0] < 0.5, rest[1:])
+    return (*box, rest[0] < hflip, rest[1:])
 
 
 _GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
@@ -286,20 +287,23 @@ _GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_graysca
 class BatchAugment:
     """timm-style training augmentation on uint8 tensors, normalised per batch.
 
-    Per sample: RandomResizedCrop(scale, ratio) + horizontal flip, as a uint8 crop and one
-    antialiased bilinear resize (torch's vectorised uint8 kernel, as torchvision v2 uses).
+    Per sample: RandomResizedCrop(scale, ratio) + horizontal flip (probability `hflip`), as a
+    uint8 crop and one antialiased bilinear resize (torch's vectorised uint8 kernel, as
+    torchvision v2 uses); `scale=None` takes the eval transform's centre crop instead.
     Per batch: colour jitter and normalisation. Brightness, contrast and saturation are each
     affine in RGB, so together with the normalisation they fold into one 3x3 matrix and shift
     per sample, applied with a single batched matmul and a clamp (3-4x faster than one
     elementwise pass per operation). The clamp to [0, 255] happens once, after all three.
     """
 
-    def __init__(self, data_config: dict[str, Any], *, scale: tuple[float, float] = (0.08, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), jitter: float = 0.4) -> None:
+    def __init__(self, data_config: dict[str, Any], *,
+                 scale: tuple[float, float] | None = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), jitter: float = 0.4,
+                 hflip: float = 0.5) -> None:
         import torch
 
         self.size = data_config["input_size"][-1]
-        self.scale, self.ratio, self.jitter = scale, ratio, jitter
+        self.scale, self.ratio, self.jitter, self.hflip = scale, ratio, jitter, hflip
         self.mean = torch.tensor(data_config["mean"]) * 255
         self.std = torch.tensor(data_config["std"]) * 255
         self.low = (-self.mean / self.std).view(1, 3, 1)  # where 0 and 255 land once normalised
@@ -322,13 +326,19 @@ class BatchAugment:
         batch, x = self._u8[:n], self._f32[:n]
         factors = torch.empty(n, 3)
         for j, (img, idx) in enumerate(zip(images, indices, strict=True)):
-            top, left, h, w, flip, jit = _params(seed, idx, img.shape[1], img.shape[2],
-                                                 self.scale, self.ratio)
-            # channels_last selects torch's AVX uint8 path for the antialiased resize
-            crop = img[None, :, top:top + h, left:left + w].contiguous(
-                memory_format=torch.channels_last)
-            crop = F.interpolate(crop, size=(size, size), mode="bilinear",
-                                 align_corners=False, antialias=True)[0]
+            height, width = img.shape[1:]
+            top, left, h, w, flip, jit = _params(seed, idx, height, width,
+                                                 self.scale or (1.0, 1.0), self.ratio,
+                                                 self.hflip)
+            if self.scale is None:  # no random crop: the eval transform's centre crop
+                top, left = round((height - size) / 2.0), round((width - size) / 2.0)
+                crop = img[:, top:top + size, left:left + size]
+            else:
+                # channels_last selects torch's AVX uint8 path for the antialiased resize
+                crop = img[None, :, top:top + h, left:left + w].contiguous(
+                    memory_format=torch.channels_last)
+                crop = F.interpolate(crop, size=(size, size), mode="bilinear",
+                                     align_corners=False, antialias=True)[0]
             batch[j] = crop.flip(-1) if flip else crop
             factors[j] = torch.tensor(jit)
         x.copy_(batch.view(n, 3, size * size))

@@ -35,6 +35,7 @@ from tlreg.errors import TlregError, UsageError
 if TYPE_CHECKING:
     import torch
 
+    from tlreg.augment import Augment
     from tlreg.data import DataSplit, Sample
     from tlreg.decoded import DecodedImages
     from tlreg.model import TransferModel
@@ -121,6 +122,7 @@ def seed_everything(seed: int) -> None:
 
 
 _DECODE_CHUNK = 1024  # images decoded at a time by the CPU feature pass
+AUGMENT_SAMPLE = 256  # training images the augmentation check shows the probe
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -172,6 +174,7 @@ class Trainer:
         self.head_fit: HeadFit | None = None  # the CV fit that is the run (--solver cv)
         self.lp_fit: HeadFit | None = None  # LP-FT's first phase
         self.decision: Any = None  # what --policy auto chose (tlreg.auto.Decision)
+        self.augment: Augment | None = None  # the training augmentation the probe measured
         self._probe_xy: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- set-up -----------------------------------------------------------------------------
@@ -518,8 +521,52 @@ class Trainer:
             self.head_fit = fit  # auto chose feature extraction: this fit is the run's
         elif not self.use_features and self.config.lp_ft:
             self.lp_fit = fit
+            if self.config.augment:
+                self._measure_augment(data)
         else:  # an SGD run (--epochs given), or no LP-FT: the head starts from its usual init
             self.model.head.load_state_dict(initial)
+
+    def _measure_augment(self, data: DataSplit) -> None:
+        """The crops, flips and jitter the fitted probe still labels right (tlreg/augment.py).
+
+        Shown to the probe: a class-stratified sample of training images (AUGMENT_SAMPLE at
+        most), decoded once; what the user set is kept, and all three set skips the check.
+        """
+        import torch
+
+        from tlreg.augment import TIMM, Augment, measure
+        from tlreg.decoded import unsupported
+
+        cfg = self.config
+        user = {k: getattr(cfg, k) for k in ("crop_scale", "hflip", "color_jitter")
+                if getattr(cfg, k) is not None}
+        why = "as set" if len(user) == 3 else None
+        why = why or (f"not measured: {unsupported(self.data_config)}"
+                      if unsupported(self.data_config) else None)
+        positions = _spread([s.label for s in data.train], AUGMENT_SAMPLE, cfg.seed)
+        decoded = None if why else self._decode_images([data.train[i] for i in positions],
+                                                       "memory")
+        if decoded is None:
+            a = Augment(**{**TIMM.record(), **user,
+                           "reason": why or "timm's defaults (not measured: over budget)"})
+        else:
+            ok = [j for j, t in enumerate(decoded.images) if t is not None]
+            extract, head = self._inference_features(), self.model.head.eval()
+
+            def predict(images: torch.Tensor) -> torch.Tensor:
+                with torch.inference_mode(), self._autocast():
+                    return head(extract(self._to_device(images)).float()).argmax(1).cpu()
+
+            a = measure([decoded.images[j] for j in ok],
+                        torch.tensor([data.train[positions[j]].label for j in ok]), predict,
+                        self.data_config, batch_size=cfg.batch_size, seed=cfg.seed)
+            if user:
+                a = Augment(**{**a.record(), **user, "reason": a.reason + "; as set: " + ", ".join(
+                    f"{k}={v:g}" for k, v in user.items())})
+        self.augment = a
+        self.config = cfg.replace(crop_scale=a.crop_scale, hflip=a.hflip,
+                                  color_jitter=a.color_jitter)
+        _say(cfg, f"augmentation: {a.reason}")
 
     def _decide(self, data: DataSplit, counts: torch.Tensor, fit: HeadFit) -> None:
         from dataclasses import replace
@@ -785,8 +832,11 @@ class Trainer:
         self._set_threads(loader_workers=0)  # from here on no worker process decodes
         self._note_skipped([data.train[i].path for i in train.failed]
                            + [data.val[i].path for i in val.failed])
-        self.train_batch_tf = BatchAugment(self.data_config) if cfg.augment else BatchEval(
-            self.data_config)
+        a = self._augment()
+        self.train_batch_tf = BatchAugment(
+            self.data_config, scale=(a.crop_scale, 1.0) if a.crop_scale else None,
+            hflip=a.hflip, jitter=a.color_jitter,
+        ) if cfg.augment else BatchEval(self.data_config)
         self.eval_batch_tf = BatchEval(self.data_config)
         _say(cfg, f"decoded {len(data.train) + len(data.val)} images once "
                   f"in {time.perf_counter() - t0:.1f}s ({mode})")
@@ -853,7 +903,8 @@ class Trainer:
         from tlreg.progress import Progress
 
         cfg, model = self.config, self.model
-        self.train_tf = build_transform(self.data_config, train=cfg.augment)
+        self.train_tf = build_transform(self.data_config, train=cfg.augment,
+                                        augment=self._augment())
         self.val_tf = build_transform(self.data_config, train=False)
         self._decode(data)
         loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -910,6 +961,15 @@ class Trainer:
                 self._end_epoch(epoch, loss_total / max(1, seen), n_correct / max(1, seen),
                                 val_loss, labels_val, preds, int(seen), time.perf_counter() - t,
                                 compiling)
+
+    def _augment(self) -> Augment:
+        """The training augmentation: the config's values, timm's where it has none."""
+        from tlreg.augment import TIMM, Augment
+
+        cfg = self.config
+        return Augment(*(TIMM.crop_scale if cfg.crop_scale is None else cfg.crop_scale,
+                         TIMM.hflip if cfg.hflip is None else cfg.hflip,
+                         TIMM.color_jitter if cfg.color_jitter is None else cfg.color_jitter))
 
     def _compiled(self) -> Any:
         """torch.compile (opt-in): lazy, so its cost lands in the steps that trigger it."""
@@ -1124,7 +1184,8 @@ class Trainer:
                 run = json.loads((self.run_dir / "run.json").read_text())
             except (OSError, ValueError):
                 run = {}
-            kept = {k: run[k] for k in ("linear_probe", "policy_auto", "finetune_defaults")
+            kept = {k: run[k] for k in ("linear_probe", "policy_auto", "finetune_defaults",
+                                        "augment")
                     if k in run}
             return kept | ({"head_fit": self.head_fit.record()} if self.head_fit else {})
         out: dict[str, Any] = {}
@@ -1136,6 +1197,8 @@ class Trainer:
             out["policy_auto"] = self.decision.record()
         if self.defaults_rule is not None:
             out["finetune_defaults"] = self.defaults_rule
+        if self.augment is not None:
+            out["augment"] = self.augment.record()
         return out
 
 
@@ -1153,6 +1216,23 @@ def compile_seconds() -> float:
 #: killed before it started).
 _RUN_FILES = ("config.yaml", "model.json", "run.json", "history.json", "summary.json",
               "training.png", "checkpoints")
+
+
+def _spread(labels: Sequence[int], n: int, seed: int) -> list[int]:
+    """At most n positions, as many from each class as it can give (seeded, sorted)."""
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(label, []).append(i)
+    for members in by_class.values():
+        rng.shuffle(members)
+    picked: list[int] = []
+    queues = [by_class[k] for k in sorted(by_class)]
+    while len(picked) < n and any(queues):
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(q.pop())
+    return sorted(picked)
 
 
 def _leftover(name: str) -> bool:

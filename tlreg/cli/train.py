@@ -105,6 +105,15 @@ def train(
     augment: bool | None = typer.Option(
         None, "--augment/--no-augment", help="timm training augmentation."
     ),
+    crop_scale: float | None = typer.Option(
+        None, "--crop-scale",
+        help="Smallest random-crop area; 0: no random crop (default: measured by the probe, "
+        "else 0.08).",
+    ),
+    hflip: float | None = typer.Option(
+        None, "--hflip", help="Horizontal-flip probability (default: measured, else 0.5)."
+    ),
+    color_jitter: float | None = typer.Option(None, "--color-jitter", help="Default 0.4."),
     cache: bool | None = typer.Option(
         None, "--cache/--no-cache", help="Cache frozen-backbone features."
     ),
