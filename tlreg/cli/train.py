@@ -113,7 +113,9 @@ def train(
     hflip: float | None = typer.Option(
         None, "--hflip", help="Horizontal-flip probability (default: measured, else 0.5)."
     ),
-    color_jitter: float | None = typer.Option(None, "--color-jitter", help="Default 0.4."),
+    color_jitter: float | None = typer.Option(
+        None, "--color-jitter", help="Colour-jitter strength (default: measured, else 0.4)."
+    ),
     cache: bool | None = typer.Option(
         None, "--cache/--no-cache", help="Cache frozen-backbone features."
     ),
