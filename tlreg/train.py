@@ -532,23 +532,24 @@ class Trainer:
         Shown to the probe: a class-stratified sample of training images (AUGMENT_SAMPLE at
         most), decoded once; what the user set is kept, and all three set skips the check.
         """
+        from dataclasses import replace
+
         import torch
 
-        from tlreg.augment import TIMM, Augment, measure
+        from tlreg.augment import measure
         from tlreg.decoded import unsupported
 
         cfg = self.config
         user = {k: getattr(cfg, k) for k in ("crop_scale", "hflip", "color_jitter")
                 if getattr(cfg, k) is not None}
-        why = "as set" if len(user) == 3 else None
-        why = why or (f"not measured: {unsupported(self.data_config)}"
-                      if unsupported(self.data_config) else None)
+        cannot = unsupported(self.data_config)
+        why = "as set" if len(user) == 3 else cannot and f"not measured: {cannot}"
         positions = _spread([s.label for s in data.train], AUGMENT_SAMPLE, cfg.seed)
         decoded = None if why else self._decode_images([data.train[i] for i in positions],
                                                        "memory")
-        if decoded is None:
-            a = Augment(**{**TIMM.record(), **user,
-                           "reason": why or "timm's defaults (not measured: over budget)"})
+        if decoded is None:  # the config's values, timm's where it has none
+            a = replace(self._augment(),
+                        reason=why or "timm's defaults (not measured: over budget)")
         else:
             ok = [j for j, t in enumerate(decoded.images) if t is not None]
             extract, head = self._inference_features(), self.model.head.eval()
@@ -561,8 +562,8 @@ class Trainer:
                         torch.tensor([data.train[positions[j]].label for j in ok]), predict,
                         self.data_config, batch_size=cfg.batch_size, seed=cfg.seed)
             if user:
-                a = Augment(**{**a.record(), **user, "reason": a.reason + "; as set: " + ", ".join(
-                    f"{k}={v:g}" for k, v in user.items())})
+                a = replace(a, **user, reason=a.reason + "; as set: " + ", ".join(
+                    f"{k}={v:g}" for k, v in user.items()))
         self.augment = a
         self.config = cfg.replace(crop_scale=a.crop_scale, hflip=a.hflip,
                                   color_jitter=a.color_jitter)
