@@ -70,8 +70,8 @@ def reference(data: Path, cache: Path, seed: int) -> dict[str, Any]:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from tlreg.checkpoint import read_checkpoint
-    from tlreg.data import discover
+    from tlreg._io import read_checkpoint
+    from tlreg.data.images import discover
 
     split = discover(data)
     entries = list((cache / "features").glob("*/entry"))
@@ -190,7 +190,7 @@ def run(quick: bool = False, data: list[str] | None = None,
     try:
         import sklearn  # noqa: F401
 
-        from tlreg.registry import get_backbone
+        from tlreg.models.backbones import get_backbone
 
         get_backbone(BACKBONE)
     except Exception as exc:  # the suite needs the test extra and the Lite plugin

@@ -27,7 +27,7 @@ def recompute_loop(data: Path, backbone: str, epochs: int, batch_size: int, img_
     import torch
 
     import tlreg
-    from tlreg.data import build_transform, data_config_for, discover, make_loader
+    from tlreg.data.images import build_transform, data_config_for, discover, make_loader
 
     split = discover(data)
     torch.manual_seed(0)
@@ -63,7 +63,7 @@ def recompute_loop(data: Path, backbone: str, epochs: int, batch_size: int, img_
 
 def tlreg_run(data: Path, backbone: str, epochs: int, batch_size: int, img_size: int | None,
               workers: int, out: Path, cache_dir: Path) -> dict[str, Any]:
-    from tlreg.train import fit
+    from tlreg.engine.trainer import fit
 
     t0 = time.perf_counter()
     result = fit(data=str(data), out=str(out), backbone=backbone, pretrained=False,

@@ -416,11 +416,11 @@ def figure2(s: Settings) -> dict[str, Any]:
 
 def figure3(s: Settings) -> dict[str, Any]:
     """The data pipeline alone: tlreg's loader (decoded cache off / on) vs ImageFolder + PIL."""
-    import tlreg.decoded
+    import tlreg.data.decoded
 
     epochs = s.epochs or (2 if s.quick else 3)
     workers = os.cpu_count() or 1
-    available = hasattr(tlreg.decoded, "benchmark_pipeline")
+    available = hasattr(tlreg.data.decoded, "benchmark_pipeline")
     runs: list[dict[str, Any]] = []
     for model in s.models_for(["efficientnet_lite0"]):
         common = ["--data", str(s.data), "--model", model.baseline, "--epochs", str(epochs),
@@ -444,7 +444,7 @@ def figure3(s: Settings) -> dict[str, Any]:
             r["metrics"] = {"images_per_second": statistics.median(later),
                             "epoch_images_per_second": rates}
     note = None if available else (
-        "tlreg.decoded.benchmark_pipeline is missing: only the ImageFolder + PIL baseline was "
+        "tlreg.data.decoded.benchmark_pipeline is missing: only the ImageFolder + PIL baseline was "
         "measured")
     return {"epochs": epochs, "workers": workers, "runs": runs, "note": note}
 
@@ -493,7 +493,7 @@ def figure5(s: Settings) -> dict[str, Any]:
     return {"one_image": str(one), "batch_images": n_batch, "setup": setup, "runs": runs}
 
 
-# -- figure 3's tlreg side: runs tlreg.data.benchmark_pipeline in a fresh process ---------------
+# -- figure 3's tlreg side: runs tlreg.data.decoded.benchmark_pipeline in a fresh process -------
 
 def worker(argv: list[str]) -> None:
     if not argv or argv[0] != "_pipeline":
@@ -508,7 +508,7 @@ def worker(argv: list[str]) -> None:
     import resource
 
     from bench.baselines import model_data_config
-    from tlreg.decoded import benchmark_pipeline
+    from tlreg.data.decoded import benchmark_pipeline
 
     rates = benchmark_pipeline(a.data, model_data_config(a.model), epochs=a.epochs,
                                batch_size=a.batch_size, workers=a.workers,
@@ -755,7 +755,7 @@ def render_fig3(d: dict[str, Any]) -> list[str]:
            f"{_n(d['epochs'], 'epoch')}, batch 32, {d['workers']} workers: median images/s "
            "of the epochs after the first. `imagefolder`: torchvision `ImageFolder` + PIL + "
            "the tutorial's train transforms; `tlreg` / `tlreg-cache`: "
-           "`tlreg.data.benchmark_pipeline` with the decoded-image cache off / on.", ""]
+           "`tlreg.data.images.benchmark_pipeline` with the decoded-image cache off / on.", ""]
     if d.get("note"):
         out += [f"**Not complete:** {d['note']}.", ""]
     rows = []

@@ -56,7 +56,7 @@ def copy_tree(src: Path, dst: Path) -> Path:
 def count_backbone_images(monkeypatch: Any) -> list[int]:
     """Record the batch size of every backbone pass: `TransferModel.forward_features` and the
     feature pass's `inference_features()` copy."""
-    from tlreg.model import TransferModel
+    from tlreg.models.transfer import TransferModel
 
     seen: list[int] = []
     original = TransferModel.forward_features

@@ -26,7 +26,12 @@ from hub_server import TEST_TOKEN, LocalHub
 from huggingface_hub import ModelCard, constants
 from safetensors.torch import load_file, save, save_file
 
-from tlreg.artifact import (
+from tlreg._io import save_checkpoint
+from tlreg.errors import UsageError
+from tlreg.models.backbones import weights_sha256
+from tlreg.models.transfer import TransferModel, create_model
+from tlreg.runs.checkpoint import write_model_json
+from tlreg.sharing.artifact import (
     BACKBONE_FILE,
     CONFIG_FILE,
     HEAD_FILE,
@@ -44,10 +49,6 @@ from tlreg.artifact import (
     parse_source,
     save_artifact,
 )
-from tlreg.backbones import weights_sha256
-from tlreg.checkpoint import save_checkpoint, write_model_json
-from tlreg.errors import UsageError
-from tlreg.model import TransferModel, create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMM_REPO = "timm/test_resnet.r160_in1k"  # where timm looks for `test_resnet` weights
@@ -150,7 +151,7 @@ def tiny_png() -> bytes:
 
 def make_run(run_dir: Path, model: TransferModel, *, pretrained_sha256: str | None = None
              ) -> Path:
-    """A run directory laid out as tlreg.train writes it (best = epoch 1, last = epoch 2)."""
+    """A run directory laid out as tlreg.engine.trainer writes it (best = epoch 1, last = 2)."""
     save_checkpoint(run_dir / "checkpoints" / "best", model.state_dict(),
                     {"epoch": 1, "val_accuracy": 0.875})
     save_checkpoint(run_dir / "checkpoints" / "last", model.state_dict(),
@@ -580,7 +581,7 @@ def test_a_damaged_header_with_a_matching_checksum_is_an_artifact_error(
 @pytest.mark.parametrize("source", ["a/..", "user/na--me", "user/name@../../etc",
                                     "user/name@a b", "user/name@.hidden/x"])
 def test_unsafe_repo_ids_and_revisions_are_refused(source: str) -> None:
-    from tlreg.artifact import split_revision
+    from tlreg.sharing.artifact import split_revision
 
     with pytest.raises(UsageError, match=r"invalid (Hub repo id|revision)"):
         split_revision(source)

@@ -12,11 +12,11 @@ import yaml
 from images import colour_folder
 from PIL import Image
 
-from tlreg.augment import KEEP_CROPS, KEEP_FLIPS, TIMM, choose, keeps
-from tlreg.config import TrainConfig
-from tlreg.decoded import BatchAugment
+from tlreg.data.augment import KEEP_CROPS, KEEP_FLIPS, TIMM, choose, keeps
+from tlreg.data.decoded import BatchAugment
+from tlreg.engine.config import TrainConfig
+from tlreg.engine.trainer import _spread, fit
 from tlreg.errors import UsageError
-from tlreg.train import _spread, fit
 
 
 @pytest.fixture(autouse=True)
@@ -75,9 +75,9 @@ def test_sample_takes_every_class_and_is_seeded() -> None:
 
 
 def test_no_random_crop_is_the_eval_crop_on_both_paths() -> None:
-    from tlreg.augment import Augment
-    from tlreg.data import build_transform
-    from tlreg.decoded import BatchEval
+    from tlreg.data.augment import Augment
+    from tlreg.data.decoded import BatchEval
+    from tlreg.data.images import build_transform
 
     config = {"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3,
               "crop_pct": 0.8, "interpolation": "bilinear", "crop_mode": "center"}

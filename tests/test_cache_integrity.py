@@ -10,7 +10,7 @@ import pytest
 import torch
 from images import colour_folder, count_backbone_images
 
-from tlreg.train import fit
+from tlreg.engine.trainer import fit
 
 
 def run(data: Path, out: Path, cache: Path) -> torch.Tensor:
@@ -79,7 +79,7 @@ def test_non_finite_features_are_not_trusted(primed: tuple[Path, Path, torch.Ten
                                              tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    from tlreg.cache import _digest
+    from tlreg.data.features import _digest
 
     data, cache, head = primed
     path = entry(cache) / "model.safetensors"

@@ -11,7 +11,8 @@ import pytest
 
 import tlreg
 
-GROUPS = ("tlreg.backbones", "tlreg.heads", "tlreg.policies")
+GROUPS = ("tlreg.backbones", "tlreg.heads", "tlreg.policies", "tlreg.callbacks", "tlreg.sources",
+          "tlreg.exporters")
 
 
 def _imported(cmd: list[str], *args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
@@ -57,7 +58,7 @@ def test_plugins_json_lists_builtins_under_their_groups(tlreg_cmd):
     }
     row = next(r for r in data["tlreg.heads"] if r["name"] == "mlp")
     assert row == {"name": "mlp", "distribution": "tlreg", "version": tlreg.__version__,
-                   "value": "tlreg.heads:mlp"}
+                   "value": "tlreg.models.heads:mlp"}
 
 
 def test_plugins_table(cli):

@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-import tlreg.backbones
+import tlreg.models.backbones
 from tlreg import testing
-from tlreg.backbones import BackboneSpec, weights_sha256
-from tlreg.plugins import clear_cache, find_plugins
-from tlreg.policies import FreezePlan
+from tlreg.models.backbones import BackboneSpec, weights_sha256
+from tlreg.models.policies import FreezePlan
+from tlreg.plugins import find_plugins
+from tlreg.registry import clear_cache
 from tlreg.testing import (
     BUILTIN_POLICY_ARGS,
     BackboneReport,
@@ -130,14 +131,14 @@ def patched_resnet18(monkeypatch, tmp_path):
     """Point the built-in entry 'resnet18' at a spec the test controls."""
     from safetensors.torch import save_file
 
-    model = tlreg.backbones.build_backbone(BackboneSpec("test_resnet"), name="t",
+    model = tlreg.models.backbones.build_backbone(BackboneSpec("test_resnet"), name="t",
                                            pretrained=False)
     path = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
     def use(**fields):
         spec = BackboneSpec("test_resnet", weights_file=str(path), **fields)
-        monkeypatch.setattr(tlreg.backbones, "resnet18", spec)
+        monkeypatch.setattr(tlreg.models.backbones, "resnet18", spec)
         clear_cache()
         return model
 
@@ -322,8 +323,8 @@ def test_catches_plan_with_wrong_rule_count():
 _PLUGIN_SOURCE = """
     from torch import nn
 
-    from tlreg.backbones import BackboneSpec
-    from tlreg.policies import FreezePlan
+    from tlreg.models.backbones import BackboneSpec
+    from tlreg.models.policies import FreezePlan
 
     tiny = BackboneSpec("test_efficientnet", summary="a tiny third-party backbone")
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from images import HYMENOPTERA, colour_folder, hymenoptera_subset
 
-from tlreg.config import TrainConfig
-from tlreg.data import Sample, build_transform, load_rgb
-from tlreg.decoded import BatchAugment, BatchEval, decode_all, short_side_for
-from tlreg.train import fit
+from tlreg.data.decoded import BatchAugment, BatchEval, decode_all, short_side_for
+from tlreg.data.images import Sample, build_transform, load_rgb
+from tlreg.engine.config import TrainConfig
+from tlreg.engine.trainer import fit
 
 CFG = {"input_size": (3, 56, 56), "interpolation": "bicubic", "mean": (0.5, 0.4, 0.3),
        "std": (0.2, 0.25, 0.3), "crop_pct": 0.875, "crop_mode": "center"}
@@ -63,7 +63,7 @@ def _augment_step_by_step(img: torch.Tensor, idx: int, seed: int) -> torch.Tenso
     """The augmentation written plainly, one operation at a time (the folded matrix's spec)."""
     import torch.nn.functional as F
 
-    from tlreg.decoded import _params
+    from tlreg.data.decoded import _params
 
     top, left, h, w, flip, jit = _params(seed, idx, img.shape[1], img.shape[2],
                                          (0.08, 1.0), (3 / 4, 4 / 3))
@@ -97,9 +97,9 @@ def test_disk_cache_is_reused_and_matches_memory(photos: Path, tmp_path: Path,
     samples = _samples(photos)
     first = decode_all(samples, CFG, mode="disk", workers=0, max_bytes=2**30)
     calls = []
-    import tlreg.data
+    import tlreg.data.images
 
-    monkeypatch.setattr(tlreg.data, "load_rgb", lambda p: calls.append(p))
+    monkeypatch.setattr(tlreg.data.images, "load_rgb", lambda p: calls.append(p))
     second = decode_all(samples, CFG, mode="disk", workers=0, max_bytes=2**30)
     assert first is not None and second is not None and calls == []
     for a, b in zip(first.images, second.images, strict=True):

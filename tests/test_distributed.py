@@ -20,10 +20,10 @@ import pytest
 import torch
 from images import colour_folder, count_backbone_images
 
-from tlreg import distributed
-from tlreg.checkpoint import read_checkpoint
+from tlreg._io import read_checkpoint
+from tlreg.engine import distributed
+from tlreg.engine.trainer import fit
 from tlreg.errors import UsageError
-from tlreg.train import fit
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available()
                                 or not torch.distributed.is_gloo_available(),
@@ -44,7 +44,7 @@ if os.environ.get("T_PIDS"):
     Path(os.environ["T_PIDS"], f"rank{rank}").write_text(str(os.getpid()))
 if os.environ.get("T_WHOLE_DATA"):  # the deliberate bug: every rank sees the whole data set
     from torch.utils.data.distributed import DistributedSampler
-    from tlreg import distributed
+    from tlreg.engine import distributed
 
     def whole(n, *, shuffle, seed, epoch=0):
         s = DistributedSampler(range(n), num_replicas=1, rank=0, shuffle=shuffle, seed=seed)
@@ -53,7 +53,7 @@ if os.environ.get("T_WHOLE_DATA"):  # the deliberate bug: every rank sees the wh
 
     distributed.sampler = whole
 if os.environ.get("T_SLEEP"):  # a pause after every saved epoch, to kill a rank in
-    from tlreg.train import Trainer
+    from tlreg.engine.trainer import Trainer
 
     end_epoch = Trainer._end_epoch
 
@@ -63,7 +63,7 @@ if os.environ.get("T_SLEEP"):  # a pause after every saved epoch, to kill a rank
 
     Trainer._end_epoch = slow
 if os.environ.get("T_RAISE_RANK") == rank:  # an exception on one rank in epoch 2
-    from tlreg.train import Trainer
+    from tlreg.engine.trainer import Trainer
 
     finish_epoch = Trainer._end_epoch
 
@@ -74,7 +74,7 @@ if os.environ.get("T_RAISE_RANK") == rank:  # an exception on one rank in epoch 
 
     Trainer._end_epoch = boom
 if os.environ.get("T_COUNT"):  # images this rank ran through the backbone
-    from tlreg.model import TransferModel
+    from tlreg.models.transfer import TransferModel
 
     features, inference = TransferModel.forward_features, TransferModel.inference_features
 
@@ -363,7 +363,7 @@ def test_sync_bn_on_cpu_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_resume_keeps_the_global_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tlreg.train import _resume_batch_size
+    from tlreg.engine.trainer import _resume_batch_size
 
     (tmp_path / "run.json").write_text(json.dumps({"global_batch_size": 8}))
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import tlreg
-from tlreg import heads
 from tlreg.errors import UsageError
-from tlreg.policies import (
+from tlreg.models import heads
+from tlreg.models.policies import (
     FreezePlan,
     Policy,
     feature_extract,
@@ -158,7 +158,7 @@ def test_policies_are_frozen_protocol_values():
 
 
 def test_policies_module_is_pure():
-    code = ("import sys, tlreg.policies as p; p.gradual(every=2).plan(5, 3); "
+    code = ("import sys, tlreg.models.policies as p; p.gradual(every=2).plan(5, 3); "
             "print(any(m.split('.')[0] in {'torch', 'timm'} for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60).stdout

@@ -36,7 +36,8 @@ from test_artifact import (
 )
 
 import tlreg.cli
-from tlreg.artifact import (
+from tlreg.models.transfer import create_model
+from tlreg.sharing.artifact import (
     BACKBONE_FILE,
     CONFIG_FILE,
     HEAD_FILE,
@@ -46,7 +47,7 @@ from tlreg.artifact import (
     load_artifact,
     save_artifact,
 )
-from tlreg.hub import (
+from tlreg.sharing.hub import (
     HubConnectionError,
     HubNotFoundError,
     UnsafeUploadError,
@@ -56,7 +57,6 @@ from tlreg.hub import (
     push_model,
     push_run,
 )
-from tlreg.model import create_model
 
 hub = test_artifact.hub  # the shared fixture: a LocalHub as the Hub (hf_env is in conftest)
 

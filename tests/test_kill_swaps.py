@@ -1,7 +1,7 @@
 """SIGKILL at every visible step of an export: the old or the new artifact, never neither.
 
 Export, `export --format timm` and `pull --dir` all write through
-`tlreg.artifact.write_folder_atomically`; the child process below counts that function's
+`tlreg.sharing.artifact.write_folder_atomically`; the child process below counts that function's
 file-system steps (renames, replaces, removals) and kills itself at step N, for every N.
 """
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from images import colour_folder
 
-from tlreg.artifact import export_run, load_artifact
-from tlreg.train import fit
+from tlreg.engine.trainer import fit
+from tlreg.sharing.artifact import export_run, load_artifact
 
 # Counts the visible file-system steps (renames, replaces, removals, links) and SIGKILLs the
 # process at step argv[1]; then runs the code that follows it.
@@ -34,7 +34,7 @@ os.replace, os.rename, shutil.rmtree, os.unlink, os.link = (
     step(os.replace), step(os.rename), step(shutil.rmtree), step(os.unlink), step(os.link))
 """
 CHILD = KILLER + r"""
-from tlreg.artifact import export_run
+from tlreg.sharing.artifact import export_run
 export_run(sys.argv[2], sys.argv[3])
 print("steps", steps[0])
 """
@@ -88,7 +88,7 @@ def test_sigkill_at_every_step_of_an_export(runs: tuple[Path, Path], tmp_path: P
 
 
 RUN_CHILD = KILLER + r"""
-from tlreg.train import fit
+from tlreg.engine.trainer import fit
 fit(data=sys.argv[2], out=sys.argv[3], backbone="timm:test_resnet", pretrained=False,
     img_size=32, workers=0, quiet=True, device="cpu", policy="feature-extract", epochs=1,
     cache_dir=sys.argv[4])
@@ -102,7 +102,7 @@ def test_sigkill_at_every_write_step_of_a_run(tmp_path: Path) -> None:
     again under the same --out) and ends with the uninterrupted run's weights."""
     import torch
 
-    from tlreg.checkpoint import read_checkpoint
+    from tlreg._io import read_checkpoint
     from tlreg.errors import UsageError
 
     data = colour_folder(tmp_path / "data", per_class=3, val_per_class=2)

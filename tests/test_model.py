@@ -38,9 +38,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 import tlreg
-from tlreg.backbones import BackboneSpec, build_backbone, weights_sha256
 from tlreg.errors import UsageError, WeightsError
-from tlreg.model import TransferModel, build_from_info
+from tlreg.models.backbones import BackboneSpec, build_backbone, weights_sha256
+from tlreg.models.transfer import TransferModel, build_from_info
 
 STEM, L1, L2, L3, L4 = 7472, 18560, 36384, 42432, 267840
 RESNET = STEM + L1 + L2 + L3 + L4  # 372688
@@ -242,7 +242,7 @@ def test_bn_modules_keep_timm_classes_and_state_dict_keys():
 
 def test_apply_plan_rejects_a_plan_of_the_wrong_size():
     model = tlreg.create_model("timm:test_resnet", 3, pretrained=False)
-    from tlreg.policies import FreezePlan
+    from tlreg.models.policies import FreezePlan
 
     with pytest.raises(UsageError, match="2 BN rules for 5 stages"):
         model.apply_plan(FreezePlan(frozenset(), ("frozen", "frozen")))

@@ -14,9 +14,9 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR, StepLR
 
 from tlreg.cli import main
+from tlreg.engine.optim import build_optimizer, build_scheduler, layer_lrs, lr_plan
 from tlreg.errors import UsageError
-from tlreg.model import create_model
-from tlreg.optim import build_optimizer, build_scheduler, layer_lrs, lr_plan
+from tlreg.models.transfer import create_model
 
 NAMES = ["layer0", "layer1", "layer2", "layer3", "layer4", "head"]
 RATES = [3.125e-4, 6.25e-4, 1.25e-3, 2.5e-3, 5e-3, 1e-2]  # lr=1e-2, layer_decay=0.5

@@ -18,16 +18,17 @@ from pathlib import Path
 import pytest
 
 import tlreg
-from tlreg import plugins
+from tlreg import plugins, registry
 from tlreg.errors import PluginError, UnknownNameError, UsageError
-from tlreg.registry import find, get_backbone, get_head, get_policy
+from tlreg.models.backbones import get_backbone
+from tlreg.registry import find, get_head, get_policy
 
 PKGS = Path(__file__).parent / "plugin_pkgs"
 BB, HEADS, POLICIES = "tlreg.backbones", "tlreg.heads", "tlreg.policies"
 
 GOOD_SOURCE = '''
-from tlreg.backbones import BackboneSpec
-from tlreg.policies import partial
+from tlreg.models.backbones import BackboneSpec
+from tlreg.models.policies import partial
 
 tiny_vit = BackboneSpec("test_vit", head="scaled-linear", policy="top-one",
                         summary="timm's tiny test ViT")
@@ -82,7 +83,7 @@ def test_listing_imports_nothing():
     code = ("import sys, tlreg.plugins as p; found = p.find_plugins(); "
             "assert any(x.dist == 'tlreg' for x in found); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "{'torch', 'timm'} or m in {'tlreg.backbones', 'tlreg.heads', 'tlreg.policies'}))")
+            "{'torch', 'timm'} or m.startswith('tlreg.models.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60).stdout
     assert out.strip() == "[]"
@@ -177,7 +178,7 @@ def test_broken_plugin_warns_once_then_strict_mode_fails(plugin_site, cli, monke
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert "tlreg-broken 0.1.0" in err and "kaboom" in err
     with pytest.raises(PluginError, match="tlreg-broken"):
-        plugins.try_load(find("backbone", "broken_bb"))
+        registry.try_load(find("backbone", "broken_bb"))
 
 
 def test_using_a_broken_plugin_names_it(plugin_site, cli):
@@ -230,7 +231,7 @@ def bad_head_factory(in_features, num_classes):
                    "missing-attr": "tlreg_wrong_mod:nope"},
     }, {"tlreg_wrong_mod": source}, version="2.0")
     with pytest.raises(PluginError, match=r"backbone 'wrong_bb' from package tlreg-wrong 2\.0 "
-                                          r"is function, expected a tlreg\.backbones\."
+                                          r"is function, expected a tlreg\."
                                           r"BackboneSpec"):
         get_backbone("wrong_bb")
     with pytest.raises(PluginError, match=r"head 'wrong-head' from package tlreg-wrong 2\.0 "
@@ -247,7 +248,7 @@ def bad_head_factory(in_features, num_classes):
                                           r"returned list, not an nn.Module"):
         tlreg.create_model("timm:test_resnet", 2, head="list-head", pretrained=False)
 
-    results = {p.name: err for p, err in plugins.check_all() if p.dist == "tlreg-wrong"}
+    results = {p.name: err for p, err in registry.check_all() if p.dist == "tlreg-wrong"}
     assert results["wrong_bb"] and results["wrong-head"] and results["missing-attr"]
     assert results["wrong-policy"] is None  # a callable: only its result can be checked
     code, _, err = cli("plugins", "--check")
@@ -259,10 +260,10 @@ def bad_head_factory(in_features, num_classes):
 
 def _colliding(site):
     site.add("tlreg_collide.A", {BB: {"shared_bb": "tlreg_collide_a:spec"}},
-             {"tlreg_collide_a": 'from tlreg.backbones import BackboneSpec\n'
+             {"tlreg_collide_a": 'from tlreg import BackboneSpec\n'
                                  'spec = BackboneSpec("test_resnet")\n'}, version="1.0")
     site.add("tlreg-collide-b", {BB: {"shared_bb": "tlreg_collide_b:spec"}},
-             {"tlreg_collide_b": 'from tlreg.backbones import BackboneSpec\n'
+             {"tlreg_collide_b": 'from tlreg import BackboneSpec\n'
                                  'spec = BackboneSpec("test_vit")\n'}, version="3.1")
 
 
@@ -305,7 +306,7 @@ def test_collision_with_a_broken_duplicate_uses_the_working_one(plugin_site, mon
     assert head is get_head("tlreg-dup-ok:fancy")
     assert [str(w.message) for w in caught if "tlreg-dup-bad" in str(w.message)]
     monkeypatch.setenv("TLREG_STRICT_PLUGINS", "1")
-    plugins.clear_cache()
+    registry.clear_cache()
     with pytest.raises(PluginError, match=r"tlreg-dup-bad 0\.1\.0 failed to load: ImportError"):
         get_head("fancy")
 
@@ -381,13 +382,13 @@ def pip_installed_plugin(tmp_path_factory):
     res = _pip(*args, str(src))
     if res.returncode != 0:
         pytest.fail(f"pip install of the demo plugin failed:\n{res.stdout}\n{res.stderr}")
-    plugins.clear_cache()
+    registry.clear_cache()
     try:
         yield "tlreg-demo-plugin"
     finally:
         res = _pip("uninstall", "-y", "tlreg-demo-plugin")
         sys.modules.pop("tlreg_demo_plugin", None)
-        plugins.clear_cache()
+        registry.clear_cache()
         assert res.returncode == 0, res.stderr
         assert _pip("show", "tlreg-demo-plugin").returncode != 0, "demo plugin left installed"
         assert "tlreg-demo-plugin" not in {p.dist for p in plugins.find_plugins()}

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tlreg.backbones import BackboneSpec, timm_spec, weights_sha256
-from tlreg.backbones_catalog import describe_backbone, list_backbones
 from tlreg.errors import UnknownNameError
-from tlreg.registry import find, get_backbone
+from tlreg.models.backbones import BackboneSpec, get_backbone, timm_spec, weights_sha256
+from tlreg.models.catalog import describe_backbone, list_backbones
+from tlreg.registry import find
 
 BUILTINS = ["convnext_tiny", "efficientnet_b0", "mobilenetv3_large_100", "resnet18", "resnet50",
             "vit_small_patch16_224"]

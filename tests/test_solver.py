@@ -1,4 +1,4 @@
-"""Heads fitted to their optimum (tlreg.solver), `--policy auto`, LP-FT and data-aware defaults."""
+"""Heads fitted to their optimum (tlreg.engine.solver), `--policy auto`, LP-FT, defaults."""
 
 from __future__ import annotations
 
@@ -10,19 +10,19 @@ import pytest
 import torch
 from images import colour_folder
 
-from tlreg import auto
-from tlreg.artifact import export_run, load_artifact
-from tlreg.config import TrainConfig
-from tlreg.errors import UsageError
-from tlreg.heads import mlp
-from tlreg.solver import (
+from tlreg.engine import auto
+from tlreg.engine.config import TrainConfig
+from tlreg.engine.solver import (
     cv_linear,
     cv_steps,
     fit_logistic,
     logistic_objective,
     stratified_folds,
 )
-from tlreg.train import fit
+from tlreg.engine.trainer import fit
+from tlreg.errors import UsageError
+from tlreg.models.heads import mlp
+from tlreg.sharing.artifact import export_run, load_artifact
 
 sklearn = pytest.importorskip("sklearn")
 

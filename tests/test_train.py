@@ -18,10 +18,10 @@ from images import HYMENOPTERA, colour_folder, count_backbone_images, hymenopter
 from PIL import Image
 
 import tlreg
-from tlreg.config import TrainConfig
+from tlreg.engine.config import TrainConfig
+from tlreg.engine.trainer import fit
 from tlreg.errors import UsageError
-from tlreg.model import TransferModel
-from tlreg.train import fit
+from tlreg.models.transfer import TransferModel
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +89,7 @@ def test_run_directory_contents(colours: Path, tmp_path: Path) -> None:
     # The resolved config repeats the run.
     again = TrainConfig.from_yaml(run / "config.yaml", out=str(tmp_path / "again"))
     assert again.head == "linear" and again.policy == "feature-extract" and again.lr == 1e-3
-    from tlreg.checkpoint import load_run_model
+    from tlreg.runs.checkpoint import load_run_model
 
     model = load_run_model(run, "last")
     assert model.info.label_names == ("blue", "red")
@@ -193,7 +193,7 @@ def test_unreadable_and_odd_images(tmp_path: Path) -> None:
 
 
 def test_val_split_is_stratified_and_seeded(tmp_path: Path) -> None:
-    from tlreg.data import discover
+    from tlreg.data.images import discover
 
     root = colour_folder(tmp_path / "d", per_class=10, val_per_class=0)
     flat = tmp_path / "flat"
@@ -286,8 +286,8 @@ def test_eval_and_predict_cli(colours: Path, tmp_path: Path) -> None:
 
 RESUME_SCRIPT = """
 import sys
-from tlreg.config import TrainConfig
-from tlreg.train import fit
+from tlreg.engine.config import TrainConfig
+from tlreg.engine.trainer import fit
 cfg = TrainConfig.from_yaml(sys.argv[1])
 fit(cfg)
 """
@@ -295,7 +295,7 @@ fit(cfg)
 
 def test_resume_after_sigkill_matches_uninterrupted_run(ants: Path, tmp_path: Path) -> None:
     """SIGKILL mid-epoch (workers > 0, augmentation on), resume, compare every tensor."""
-    from tlreg.checkpoint import read_checkpoint
+    from tlreg._io import read_checkpoint
 
     cfg = tiny(ants, tmp_path / "killed", policy="finetune", epochs=4, augment=True, workers=2,
                batch_size=4, lr=0.01, decoded_cache="off")  # the DataLoader-worker path
@@ -342,16 +342,16 @@ def test_compile_trains_the_same_model_and_reports_its_compile_time(colours: Pat
 
 
 def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    import tlreg.decoded
+    import tlreg.data.decoded
 
     calls: list[int] = []
-    real = tlreg.decoded.decode_all
+    real = tlreg.data.decoded.decode_all
 
     def counting(samples: list, *args: object, **kwargs: object) -> object:
         calls.append(len(samples))
         return real(samples, *args, **kwargs)
 
-    monkeypatch.setattr(tlreg.decoded, "decode_all", counting)
+    monkeypatch.setattr(tlreg.data.decoded, "decode_all", counting)
     return calls
 
 
@@ -377,9 +377,9 @@ def test_cpu_feature_pass_decodes_first_and_feeds_the_backbone_the_same_inputs(
         assert torch.equal(a, b), "the decoded path changed the backbone's input"
     torch.testing.assert_close(decoded.model.head.state_dict(), loader.model.head.state_dict(),
                                atol=1e-6, rtol=1e-5)
-    import tlreg.train
+    import tlreg.engine.trainer
 
-    monkeypatch.setattr(tlreg.train, "_DECODE_CHUNK", 5)  # memory stays bounded: 5 at a time
+    monkeypatch.setattr(tlreg.engine.trainer, "_DECODE_CHUNK", 5)  # memory bounded: 5 at a time
     calls.clear()
     chunked = fit(tiny(ants, tmp_path / "chunked", cache=False))
     assert calls == [5, 5, 5, 1, 5, 3]
@@ -390,10 +390,10 @@ def test_cpu_feature_pass_decodes_first_and_feeds_the_backbone_the_same_inputs(
 def test_decoded_cache_is_off_for_crop_modes_it_cannot_reproduce(
         colours: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    import tlreg.train
+    import tlreg.engine.trainer
 
-    real = tlreg.train._data_config
-    monkeypatch.setattr(tlreg.train, "_data_config",
+    real = tlreg.engine.trainer._data_config
+    monkeypatch.setattr(tlreg.engine.trainer, "_data_config",
                         lambda model, size: {**real(model, size), "crop_mode": "squash"})
     calls = _count_decodes(monkeypatch)
     fit(tiny(colours, tmp_path / "ft", policy="finetune", epochs=1, decoded_cache="memory",
@@ -409,8 +409,9 @@ def test_decoded_cache_is_off_for_crop_modes_it_cannot_reproduce(
 
 def test_frozen_backbone_is_written_once_and_linked_into_each_checkpoint(
         colours: Path, tmp_path: Path) -> None:
-    from tlreg.checkpoint import load_run_model, read_checkpoint
-    from tlreg.train import Interrupted
+    from tlreg._io import read_checkpoint
+    from tlreg.engine.trainer import Interrupted
+    from tlreg.runs.checkpoint import load_run_model
 
     def stop_after_two(trainer: object, epoch: int) -> None:
         if epoch == 1:

@@ -14,8 +14,8 @@ import pytest
 from images import colour_folder
 from PIL import Image
 
-from tlreg.config import TrainConfig
-from tlreg.data import ImageTooLarge, discover, load_rgb
+from tlreg.data.images import ImageTooLarge, discover, load_rgb
+from tlreg.engine.config import TrainConfig
 from tlreg.errors import UsageError
 
 
@@ -61,7 +61,7 @@ def test_cli_rejects_a_bad_option_before_creating_anything(tmp_path: Path) -> No
 
 
 def test_predict_options_are_checked(tmp_path: Path) -> None:
-    from tlreg.model import create_model
+    from tlreg.models.transfer import create_model
     from tlreg.predict import evaluate, predict
 
     model = create_model("timm:test_resnet", 2, pretrained=False, label_names=("a", "b"))
@@ -107,7 +107,7 @@ def test_an_image_that_would_explode_in_memory_is_refused(tmp_path: Path) -> Non
 
 def test_training_skips_the_oversized_image_and_names_it(tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from tlreg.train import fit
+    from tlreg.engine.trainer import fit
 
     monkeypatch.setenv("TLREG_CACHE_DIR", str(tmp_path / "cache"))
     data = colour_folder(tmp_path / "data", per_class=6, val_per_class=2)
@@ -125,8 +125,8 @@ def _modes(root: Path) -> set[tuple[str, int]]:
 
 
 def test_created_files_follow_the_umask(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tlreg.artifact import export_run
-    from tlreg.train import fit
+    from tlreg.engine.trainer import fit
+    from tlreg.sharing.artifact import export_run
 
     monkeypatch.setenv("TLREG_CACHE_DIR", str(tmp_path / "cache"))
     data = colour_folder(tmp_path / "data", per_class=4, val_per_class=2)
@@ -176,7 +176,7 @@ def test_two_writers_one_run_folder(tmp_path: Path) -> None:
 
 
 def test_a_run_that_fails_early_leaves_no_folder(tmp_path: Path) -> None:
-    from tlreg.train import fit
+    from tlreg.engine.trainer import fit
 
     with pytest.raises(UsageError, match="does not exist"):
         fit(data=str(tmp_path / "missing"), out=str(tmp_path / "run"), quiet=True)
@@ -187,7 +187,7 @@ def test_a_run_that_fails_early_leaves_no_folder(tmp_path: Path) -> None:
 def finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
     import shutil
 
-    from tlreg.train import fit
+    from tlreg.engine.trainer import fit
 
     monkeypatch.setenv("TLREG_CACHE_DIR", str(tmp_path / "cache"))
     data = colour_folder(tmp_path / "data", per_class=4, val_per_class=2)
@@ -216,7 +216,7 @@ def _unchanged(run: Path) -> None:
 ])
 def test_resume_refuses_a_changed_world(finished: tuple[Path, Path], change, options,
                                         message: str) -> None:
-    from tlreg.train import fit
+    from tlreg.engine.trainer import fit
 
     data, run = finished
     change(data)
@@ -227,7 +227,7 @@ def test_resume_refuses_a_changed_world(finished: tuple[Path, Path], change, opt
 
 
 def test_resume_on_added_files_needs_resume_anyway(finished: tuple[Path, Path]) -> None:
-    from tlreg.train import fit
+    from tlreg.engine.trainer import fit
 
     data, run = finished
     extra = data / "train" / "red" / "extra.png"
@@ -243,7 +243,7 @@ def test_resume_on_added_files_needs_resume_anyway(finished: tuple[Path, Path]) 
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_a_split_with_no_readable_image_is_an_error(tmp_path: Path, policy: str,
                                                     split: str) -> None:
-    from tlreg.train import fit
+    from tlreg.engine.trainer import fit
 
     data = colour_folder(tmp_path / "data", per_class=3, val_per_class=2)
     for f in (data / split).rglob("*.png"):
@@ -258,7 +258,7 @@ def test_a_split_with_no_readable_image_is_an_error(tmp_path: Path, policy: str,
 
 def test_a_run_killed_before_its_first_epoch_starts_again(finished: tuple[Path, Path],
                                                           tmp_path: Path) -> None:
-    from tlreg.train import fit
+    from tlreg.engine.trainer import fit
 
     data, run = finished
     killed = tmp_path / "killed"
@@ -273,7 +273,7 @@ def test_a_run_killed_before_its_first_epoch_starts_again(finished: tuple[Path, 
 
 
 def test_stale_temporary_folders_are_cleaned_under_the_lock(finished: tuple[Path, Path]) -> None:
-    from tlreg.train import fit
+    from tlreg.engine.trainer import fit
 
     _, run = finished
     stale = [run / "checkpoints" / ".last.tmp-dead", run / ".config.yaml.x.tmp"]
@@ -286,7 +286,7 @@ def test_stale_temporary_folders_are_cleaned_under_the_lock(finished: tuple[Path
 
 def test_an_artifact_swap_killed_between_its_renames(finished: tuple[Path, Path],
                                                      tmp_path: Path) -> None:
-    from tlreg.artifact import export_run, load_artifact
+    from tlreg.sharing.artifact import export_run, load_artifact
 
     _, run = finished
     art = export_run(run, tmp_path / "art")
@@ -301,7 +301,7 @@ def test_a_checkpoint_swap_killed_between_renames_is_never_lost(tmp_path: Path) 
     """Resumed from `.last.old` (its swap was killed), the next save keeps a copy throughout."""
     import torch
 
-    from tlreg.checkpoint import checkpoint_dir, read_checkpoint, save_checkpoint
+    from tlreg._io import checkpoint_dir, read_checkpoint, save_checkpoint
 
     last = tmp_path / "checkpoints" / "last"
     save_checkpoint(last, {"w": torch.ones(2)}, {"epoch": 1})
@@ -343,8 +343,8 @@ def test_a_val_split_that_ends_up_empty_is_an_error(tmp_path: Path) -> None:
 ])
 def test_damaged_run_files_are_one_clear_error(finished: tuple[Path, Path], name: str,
                                                content: str, message: str) -> None:
+    from tlreg.engine.trainer import fit
     from tlreg.predict import load_model
-    from tlreg.train import fit
 
     _, run = finished
     (run / name).write_text(content)

@@ -13,13 +13,13 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it; resolved on first attribute access (PEP 562).
 _LAZY = {
-    "create_model": "tlreg.model",
-    "TransferModel": "tlreg.model",
-    "BackboneSpec": "tlreg.backbones",
-    "FreezePlan": "tlreg.policies",
-    "build_optimizer": "tlreg.optim",
-    "fit": "tlreg.train",
-    "TrainConfig": "tlreg.config",
+    "create_model": "tlreg.models.transfer",
+    "TransferModel": "tlreg.models.transfer",
+    "BackboneSpec": "tlreg.models.backbones",
+    "FreezePlan": "tlreg.models.policies",
+    "build_optimizer": "tlreg.engine.optim",
+    "fit": "tlreg.engine.trainer",
+    "TrainConfig": "tlreg.engine.config",
     "TlregError": "tlreg.errors",
 }
 
@@ -29,13 +29,13 @@ __all__ = [  # noqa: RUF022 - listed explicitly so linters and IDEs see the lazy
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from tlreg.backbones import BackboneSpec
-    from tlreg.config import TrainConfig
+    from tlreg.engine.config import TrainConfig
+    from tlreg.engine.optim import build_optimizer
+    from tlreg.engine.trainer import fit
     from tlreg.errors import TlregError
-    from tlreg.model import TransferModel, create_model
-    from tlreg.optim import build_optimizer
-    from tlreg.policies import FreezePlan
-    from tlreg.train import fit
+    from tlreg.models.backbones import BackboneSpec
+    from tlreg.models.policies import FreezePlan
+    from tlreg.models.transfer import TransferModel, create_model
 
 
 def __getattr__(name: str) -> Any:

@@ -34,9 +34,9 @@ def check_plugin() -> None:
 def run_demo(data: str | Path | None = None, out: str | Path | None = None,
              quiet: bool = False) -> dict[str, Any]:
     """Train, evaluate, export and predict; returns what it printed as a dict."""
-    from tlreg.artifact import export_run
+    from tlreg.engine.trainer import fit
     from tlreg.predict import load_model, predict
-    from tlreg.train import fit
+    from tlreg.sharing.artifact import export_run
 
     check_plugin()
     data = Path(data) if data else default_data()

@@ -11,19 +11,19 @@ from tlreg.errors import UsageError
 if TYPE_CHECKING:
     import torch
 
-    from tlreg.model import TransferModel
+    from tlreg.models.transfer import TransferModel
 
 
 def load_model(source: str, *, checkpoint: str = "best", **hub_options: Any) -> TransferModel:
     """A run directory (has model.json), an artifact folder, or a Hub id (`hf:` forces it)."""
-    from tlreg.artifact import load_artifact
+    from tlreg.sharing.artifact import load_artifact
 
     return load_artifact(source, checkpoint=checkpoint, **hub_options)
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[str]:
     """Image files, and the images inside folders (recursively, sorted)."""
-    from tlreg.data import IMAGE_EXTENSIONS
+    from tlreg.data.images import IMAGE_EXTENSIONS
 
     files: list[str] = []
     for item in inputs:
@@ -45,7 +45,7 @@ def _logits(model: TransferModel, files: Sequence[str], batch_size: int,
     """Logits for the decodable files (in order) and the positions that failed to decode."""
     import torch
 
-    from tlreg.data import Sample, build_transform, make_loader
+    from tlreg.data.images import Sample, build_transform, make_loader
 
     transform = build_transform(model.data_config, train=False)
     loader = make_loader([Sample(f, 0) for f in files], transform, batch_size=batch_size,
@@ -62,7 +62,7 @@ def _logits(model: TransferModel, files: Sequence[str], batch_size: int,
 
 def _check_options(batch_size: int, device: str, top_k: int = 1) -> None:
     """The same checks as training's options, before any image is read."""
-    from tlreg.config import check_device
+    from tlreg.engine.config import check_device
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -98,7 +98,7 @@ def predict(model: TransferModel, inputs: Sequence[str], *, top_k: int = 1,
 def evaluate(model: TransferModel, data_dir: str, *, batch_size: int = 32,
              device: str = "cpu") -> dict[str, Any]:
     """Accuracy, per-class precision / recall and the confusion matrix on `<class>/` folders."""
-    from tlreg.data import scan_folder
+    from tlreg.data.images import scan_folder
     from tlreg.metrics import classification_report
 
     _check_options(batch_size, device)

@@ -7,12 +7,90 @@ name, the bare name is an error that names both and `<distribution>:<name>` pick
 from __future__ import annotations
 
 import difflib
+import importlib
+import warnings
+from collections.abc import Callable
+from functools import cache
 from typing import Any
 
-from tlreg.errors import UnknownNameError, UsageError
-from tlreg.plugins import Plugin, find_plugins, load, normalize_dist, try_load
+from tlreg.errors import PluginError, UnknownNameError, UsageError
+from tlreg.plugins import (
+    STRICT_ENV,
+    Plugin,
+    PluginWarning,
+    find_plugins,
+    import_entry,
+    normalize_dist,
+    strict,
+)
+from tlreg.specs import BackboneSpec
 
 TIMM_PREFIX = "timm:"
+
+#: kind -> (check, what it must be): what an entry point of each group has to give.
+VALIDATORS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "backbone": (lambda obj: isinstance(obj, BackboneSpec), "a tlreg.BackboneSpec"),
+    "head": (callable, "a callable (in_features, num_classes, **args) -> nn.Module"),
+    "policy": (callable, "a callable (**args) -> Policy"),
+    "callback": (callable, "a callable (**args) -> tlreg.engine.callbacks.Callback"),
+    "source": (callable, "a callable (location, val_split, seed) -> tlreg.data.DataSplit"),
+    "exporter": (callable, "a callable (model, out_dir, **args) -> Path"),
+}
+
+
+@cache
+def load(plugin: Plugin) -> Any:
+    """Import one entry and check its type; any failure names the package that caused it."""
+    try:
+        obj = import_entry(plugin)
+    except Exception as exc:  # a plugin may raise anything on import
+        raise PluginError(
+            f"{plugin.kind} {plugin.name!r} from package {plugin.dist} {plugin.version} "
+            f"failed to load: {type(exc).__name__}: {exc}"
+        ) from exc
+    check, expected = VALIDATORS[plugin.kind]
+    if not check(obj):
+        raise PluginError(
+            f"{plugin.kind} {plugin.name!r} from package {plugin.dist} {plugin.version} "
+            f"is {type(obj).__name__}, expected {expected}"
+        )
+    return obj
+
+
+_warned: set[Plugin] = set()
+
+
+def try_load(plugin: Plugin) -> Any | None:
+    """Load, or warn once and return None; in strict mode a failure raises."""
+    try:
+        return load(plugin)
+    except PluginError as exc:
+        if strict():
+            raise
+        if plugin not in _warned:
+            _warned.add(plugin)
+            warnings.warn(f"{exc} (skipped; {STRICT_ENV}=1 makes this an error)",
+                          PluginWarning, stacklevel=2)
+        return None
+
+
+def check_all(kind: str | None = None) -> list[tuple[Plugin, str | None]]:
+    """Load every entry; (plugin, error message or None) for each. For `tlreg plugins --check`."""
+    results = []
+    for plugin in find_plugins(kind):
+        try:
+            load(plugin)
+            results.append((plugin, None))
+        except PluginError as exc:
+            results.append((plugin, str(exc)))
+    return results
+
+
+def clear_cache() -> None:
+    """Forget loaded entries (tests install and remove plugin packages at run time)."""
+    load.cache_clear()
+    _warned.clear()
+    importlib.invalidate_caches()
 
 
 def _suggest(name: str, choices: list[str]) -> str:
@@ -46,15 +124,6 @@ def find(kind: str, name: str) -> Plugin:
 def get(kind: str, name: str) -> Any:
     """The registered object for `name`; raises PluginError naming the package if it is broken."""
     return load(find(kind, name))
-
-
-def get_backbone(name: str) -> Any:
-    """A BackboneSpec for a registered name, or for any timm model as `timm:<name>[.<tag>]`."""
-    if name.startswith(TIMM_PREFIX):
-        from tlreg.backbones import timm_spec
-
-        return timm_spec(name.removeprefix(TIMM_PREFIX))
-    return get("backbone", name)
 
 
 def get_head(name: str) -> Any:

@@ -26,8 +26,8 @@ from tlreg.errors import TlregError
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-    from tlreg.model import TransferModel
-    from tlreg.policies import FreezePlan
+    from tlreg.models.policies import FreezePlan
+    from tlreg.models.transfer import TransferModel
 
 __all__ = [
     "BUILTIN_POLICY_ARGS",
@@ -95,15 +95,15 @@ def check_backbone(name: str, *, pretrained: bool = False, num_classes: int = 3)
     """
     import torch
 
-    from tlreg import _timm
-    from tlreg.backbones import BackboneSpec, weights_sha256
-    from tlreg.model import create_model
-    from tlreg.registry import TIMM_PREFIX, find, get_backbone
+    from tlreg.models import _timm
+    from tlreg.models.backbones import BackboneSpec, get_backbone, weights_sha256
+    from tlreg.models.transfer import create_model
+    from tlreg.registry import TIMM_PREFIX, find
 
     where = f"backbone {name!r}"
     spec = _tlreg_call(where, "is not registered or does not load", get_backbone, name)
     _check(isinstance(spec, BackboneSpec), f"{where}: entry is {type(spec).__name__}, "
-           f"expected a tlreg.backbones.BackboneSpec")
+           f"expected a tlreg.models.backbones.BackboneSpec")
     _check(spec.lr > 0, f"{where}: default lr must be > 0, got {spec.lr}")
     _check(0 < spec.layer_decay <= 1,
            f"{where}: default layer_decay must be in (0, 1], got {spec.layer_decay}")
@@ -301,8 +301,8 @@ def check_policy(name: str | Callable[..., Any], /, *, epochs: int = 4,
     import torch
     import torch.nn.functional as F
 
-    from tlreg.model import _BN
-    from tlreg.policies import Policy
+    from tlreg.models.policies import Policy
+    from tlreg.models.transfer import _BN
 
     label = name if isinstance(name, str) else getattr(name, "__qualname__", repr(name))
     where = f"policy {label!r}" + (f" with {policy_args}" if policy_args else "")
@@ -397,7 +397,7 @@ def check_policy(name: str | Callable[..., Any], /, *, epochs: int = 4,
 
 def _plan(where: str, policy: Any, num_stages: int, epoch: int) -> FreezePlan:
     """One call of `policy.plan`, checked for shape and values."""
-    from tlreg.policies import BN_RULES, FreezePlan
+    from tlreg.models.policies import BN_RULES, FreezePlan
 
     at = f"{where}: plan({num_stages}, {epoch})"
     try:
@@ -429,7 +429,8 @@ def check_plugin(dist_name: str, *, pretrained: bool = False,
     get in the way. `head_args` / `policy_args` map an entry name to the arguments to check it
     with (for entries without usable defaults). Returns {qualified name: result}.
     """
-    from tlreg.plugins import clear_cache, find_plugins, normalize_dist
+    from tlreg.plugins import find_plugins, normalize_dist
+    from tlreg.registry import clear_cache
 
     clear_cache()  # see what is installed now
     dist = normalize_dist(dist_name)
@@ -541,7 +542,7 @@ def _model_with(where: str, backbone: str, num_classes: int, *,
                 policy: str | Callable[..., Any] = "feature-extract",
                 policy_args: Mapping[str, Any] = ()) -> TransferModel:
     """A random-init TransferModel; an unregistered head factory is swapped in as tlreg would."""
-    from tlreg.model import create_model
+    from tlreg.models.transfer import create_model
 
     model = _tlreg_call(
         where, "does not build through tlreg.create_model", create_model, backbone, num_classes,

@@ -39,7 +39,7 @@ def export(
                                        help="Hub dataset id for the model card's metadata."),
 ) -> None:
     """Write a run's model as a shareable folder (see docs/format.md)."""
-    from tlreg.artifact import export_run
+    from tlreg.sharing.artifact import export_run
 
     path = export_run(run, out, checkpoint, format=fmt, dataset=dataset)
     print(f"wrote {path} ({_size(path)})")
@@ -57,7 +57,7 @@ def push(
                                        help="Hub dataset id for the card (runs only)."),
 ) -> None:
     """Push an artifact to the Hub as one commit (created if needed)."""
-    from tlreg.hub import push_model
+    from tlreg.sharing.hub import push_model
 
     kwargs: dict[str, Any] = {"dataset": dataset} if dataset else {}
     url = push_model(source, repo_id, private=private, revision=revision, message=message,
@@ -75,7 +75,7 @@ def pull(
                                         "model (no backbone download)."),
 ) -> None:
     """Download and verify an artifact (into the Hugging Face cache)."""
-    from tlreg.hub import pull as pull_artifact
+    from tlreg.sharing.hub import pull as pull_artifact
 
     path = pull_artifact(repo, dir=dir, token=token, verify=not no_verify,
                          allow_backbone_mismatch=allow_backbone_mismatch)
@@ -88,7 +88,7 @@ def inspect(
     token: str | None = TOKEN,
 ) -> None:
     """Show an artifact's config, files, checksums and card metadata (no weights downloaded)."""
-    from tlreg.hub import inspect as inspect_source
+    from tlreg.sharing.hub import inspect as inspect_source
 
     report = inspect_source(source, token=token)
     if as_json:

@@ -29,9 +29,9 @@ def lr_plan(
 
     Builds the model with random weights: nothing is downloaded.
     """
-    from tlreg.model import create_model
-    from tlreg.optim import lr_plan as plan
-    from tlreg.registry import get_backbone
+    from tlreg.engine.optim import lr_plan as plan
+    from tlreg.models.backbones import get_backbone
+    from tlreg.models.transfer import create_model
 
     spec = get_backbone(backbone)
     lr = spec.lr if lr is None else lr

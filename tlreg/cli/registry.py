@@ -28,7 +28,8 @@ def plugins(
     as_json: bool = JSON,
 ) -> None:
     """Every registered backbone, head and policy, with the package that provides it."""
-    from tlreg.plugins import check_all, find_plugins
+    from tlreg.plugins import find_plugins
+    from tlreg.registry import check_all
 
     if check:
         results = check_all()
@@ -70,7 +71,7 @@ def backbones_list(
     as_json: bool = JSON,
 ) -> None:
     """Registered backbones (and, with a 'timm:' pattern, timm's models)."""
-    from tlreg.backbones_catalog import list_backbones
+    from tlreg.models.catalog import list_backbones
 
     rows = list_backbones(pattern, pretrained=pretrained)
     if as_json:
@@ -84,7 +85,7 @@ def backbones_list(
 def backbones_show(name: str = typer.Argument(..., help="Backbone name."),
                    as_json: bool = JSON) -> None:
     """Timm model, parameters, feature width, stages and layers, data config, defaults."""
-    from tlreg.backbones_catalog import describe_backbone
+    from tlreg.models.catalog import describe_backbone
 
     info = describe_backbone(name)
     if as_json:

@@ -161,8 +161,8 @@ def train(
         options["head_args"] = parse_kv(head_arg, "head-arg")
     if policy_arg:
         options["policy_args"] = parse_kv(policy_arg, "policy-arg")
-    from tlreg.config import TrainConfig
-    from tlreg.train import fit
+    from tlreg.engine.config import TrainConfig
+    from tlreg.engine.trainer import fit
 
     if resume is not None:
         result = fit(resume=resume, **options)
@@ -173,7 +173,7 @@ def train(
             raise UsageError("tlreg train needs DATA_DIR and --out (or --config FILE)")
         result = fit(TrainConfig.from_dict(options))
     s = result.summary
-    from tlreg import distributed
+    from tlreg.engine import distributed
 
     if not distributed.is_main():  # rank 0 reports for every process
         return
@@ -186,7 +186,7 @@ def train(
 
 def _launch(ctx: typer.Context, devices: int) -> None:
     """`--devices N`: run this same command (without --devices) in N torchrun workers."""
-    from tlreg import distributed
+    from tlreg.engine import distributed
 
     if devices < 1:
         raise UsageError(f"--devices must be >= 1, got {devices}")
@@ -300,7 +300,7 @@ def _write_csv(path: Path, results: list[dict[str, Any]], top_k: int) -> None:
     import csv as csv_mod
     import io
 
-    from tlreg.checkpoint import atomic_write_text
+    from tlreg._io import atomic_write_text
 
     buf = io.StringIO()
     writer = csv_mod.writer(buf)
@@ -317,7 +317,7 @@ def _write_csv(path: Path, results: list[dict[str, Any]], top_k: int) -> None:
 @cache_app.command("ls")
 def cache_ls(as_json: bool = typer.Option(False, "--json")) -> None:
     """Feature- and decoded-image-cache entries: backbone, images, size."""
-    from tlreg.cache import cache_root, list_entries
+    from tlreg.data.features import cache_root, list_entries
 
     rows = list_entries()
     if as_json:
@@ -334,7 +334,7 @@ def cache_ls(as_json: bool = typer.Option(False, "--json")) -> None:
 @cache_app.command("clear")
 def cache_clear() -> None:
     """Remove every entry of the feature and decoded-image caches."""
-    from tlreg.cache import cache_root, clear
+    from tlreg.data.features import cache_root, clear
 
     n = clear()
     typer.echo(f"removed {n} cache entries from {cache_root()}")

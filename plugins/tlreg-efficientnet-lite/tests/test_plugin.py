@@ -43,7 +43,7 @@ def _require(variant: int) -> None:
 
 @pytest.fixture(autouse=True)
 def _fresh_registry():
-    from tlreg.plugins import clear_cache
+    from tlreg.registry import clear_cache
 
     clear_cache()
     yield

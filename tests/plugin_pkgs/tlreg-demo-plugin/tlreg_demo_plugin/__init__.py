@@ -5,8 +5,8 @@ Importing it stays cheap (no torch, no timm): the head imports torch only when i
 
 from __future__ import annotations
 
-from tlreg.backbones import BackboneSpec
-from tlreg.policies import FreezePlan
+from tlreg import BackboneSpec
+from tlreg.models.policies import FreezePlan
 
 # timm's tiny test ResNet, with this package's head and policy as its defaults.
 demo_resnet = BackboneSpec(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tlreg.plugins import find_plugins, try_load
-from tlreg.registry import TIMM_PREFIX, find, get_backbone
+from tlreg.models.backbones import get_backbone
+from tlreg.plugins import find_plugins
+from tlreg.registry import TIMM_PREFIX, find, try_load
 
 
 def list_backbones(pattern: str = "*", pretrained: bool = False) -> list[dict[str, Any]]:
@@ -17,7 +18,7 @@ def list_backbones(pattern: str = "*", pretrained: bool = False) -> list[dict[st
     import fnmatch
 
     if pattern.startswith(TIMM_PREFIX):
-        from tlreg import _timm
+        from tlreg.models import _timm
 
         names = _timm.list_models(pattern.removeprefix(TIMM_PREFIX) or "*", pretrained=pretrained)
         return [{"name": f"{TIMM_PREFIX}{n}", "distribution": "timm", "timm_name": n}
@@ -39,7 +40,7 @@ def list_backbones(pattern: str = "*", pretrained: bool = False) -> list[dict[st
 def _has_weights(spec: Any) -> bool:
     if spec.source != "timm":
         return True
-    from tlreg import _timm
+    from tlreg.models import _timm
 
     return bool(_timm.list_models(spec.arch if spec.tag else spec.timm_name, pretrained=True))
 
@@ -48,7 +49,7 @@ def describe_backbone(name: str) -> dict[str, Any]:
     """Everything `backbones show` prints, built on a random-init model (nothing downloaded)."""
     spec = get_backbone(name)  # before torch and timm load: a wrong name fails fast
     dist = "timm" if name.startswith(TIMM_PREFIX) else find("backbone", name).dist
-    from tlreg.model import create_model
+    from tlreg.models.transfer import create_model
 
     model = create_model(name, 2, head="linear", policy="finetune", pretrained=False)
     stage_params = [0] * model.num_stages

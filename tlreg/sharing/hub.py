@@ -20,7 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tlreg.artifact import (
+from tlreg.errors import TlregError, UsageError
+from tlreg.sharing.artifact import (
     ARTIFACT_FILES,
     CARD_FILE,
     CONFIG_FILE,
@@ -36,12 +37,11 @@ from tlreg.artifact import (
     verify_files,
     write_folder_atomically,
 )
-from tlreg.errors import TlregError, UsageError
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
 
-    from tlreg.model import TransferModel
+    from tlreg.models.transfer import TransferModel
 
 
 class HubError(TlregError):
@@ -100,7 +100,7 @@ def push_model(model_or_artifact_dir: TransferModel | str | os.PathLike[str], re
 def push_run(run_dir: str | os.PathLike[str], repo_id: str, checkpoint: str = "best",
              **kwargs: Any) -> str:
     """Export a run's `best` (or `last`) checkpoint and push it; see `push_model`."""
-    from tlreg.checkpoint import MODEL_JSON
+    from tlreg._io import MODEL_JSON
 
     if not (Path(run_dir) / MODEL_JSON).is_file():
         raise UsageError(f"{run_dir} is not a tlreg run directory (no {MODEL_JSON})")
@@ -108,7 +108,7 @@ def push_run(run_dir: str | os.PathLike[str], repo_id: str, checkpoint: str = "b
 
 
 def _artifact_folder(obj: Any, tmp: Path, checkpoint: str, save_kwargs: Mapping[str, Any]) -> Path:
-    from tlreg.artifact import export_run, save_artifact
+    from tlreg.sharing.artifact import export_run, save_artifact
 
     if not isinstance(obj, str | os.PathLike):
         return save_artifact(obj, tmp, **save_kwargs)
@@ -219,7 +219,7 @@ def pull(repo_id: str, revision: str | None = None, dir: str | os.PathLike[str] 
     config = read_config(folder)
     verify_files(folder, config)
     if verify:
-        from tlreg.artifact import load_artifact_dir
+        from tlreg.sharing.artifact import load_artifact_dir
 
         load_artifact_dir(folder, allow_backbone_mismatch=allow_backbone_mismatch)
     if dir is None:
@@ -375,8 +375,8 @@ def _card(path: Path) -> dict[str, Any]:
 def _inspect_run(run_dir: Path) -> dict[str, Any]:
     import json
 
-    from tlreg.artifact import run_metrics
-    from tlreg.checkpoint import MODEL_JSON, checkpoint_dir
+    from tlreg._io import MODEL_JSON, checkpoint_dir
+    from tlreg.sharing.artifact import run_metrics
 
     meta = json.loads((run_dir / MODEL_JSON).read_text(encoding="utf-8"))
     checkpoints = {}

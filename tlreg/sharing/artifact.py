@@ -24,13 +24,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tlreg.checkpoint import _tuples, follow_umask, load_run_model, save_file, temp_dir
+from tlreg._io import follow_umask, save_file, temp_dir
 from tlreg.errors import PluginError, TlregError, UnknownNameError, UsageError
+from tlreg.runs.checkpoint import _tuples, load_run_model
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
-    from tlreg.model import ModelInfo, TransferModel
+    from tlreg.models.transfer import ModelInfo, TransferModel
 
 FORMAT_NAME = "tlreg-head"
 FORMAT_VERSION = 1
@@ -130,7 +131,7 @@ def save_artifact(model: TransferModel, directory: str | os.PathLike[str], *,
 def _backbone_part(model: TransferModel, pretrained_state: Mapping[str, Tensor] | None,
                    pretrained_sha256: str | None) -> tuple[str, dict[str, Tensor], str | None]:
     """(weights mode, tensors for backbone.safetensors, canonical hash of pretrained weights)."""
-    from tlreg.backbones import weights_sha256
+    from tlreg.models.backbones import weights_sha256
 
     current = model.backbone.state_dict()
     source = model.info.weights_source
@@ -177,8 +178,7 @@ def _equal(a: Tensor, b: Tensor) -> bool:
 
 def pretrained_backbone(info: ModelInfo) -> nn.Module:
     """The named pretrained backbone `info` was built on (downloads through timm if needed)."""
-    from tlreg.backbones import build_backbone
-    from tlreg.registry import get_backbone
+    from tlreg.models.backbones import build_backbone, get_backbone
 
     return build_backbone(get_backbone(info.backbone), name=info.backbone, pretrained=True)
 
@@ -576,7 +576,7 @@ def load_artifact(source: str | os.PathLike[str], *, revision: str | None = None
         if revision:
             raise UsageError("revision= only applies to Hub sources")
         return load_artifact_dir(Path(value), allow_backbone_mismatch=allow_backbone_mismatch)
-    from tlreg.hub import pull
+    from tlreg.sharing.hub import pull
 
     if rev and revision and rev != revision:
         raise UsageError(f"two revisions given: {rev!r} in {str(source)!r} and {revision!r}")
@@ -671,8 +671,8 @@ def load_artifact_dir(folder: Path, *, allow_backbone_mismatch: bool = False) ->
 
 def _rebuild(config: Mapping[str, Any], allow_mismatch: bool) -> tuple[TransferModel, ModelInfo]:
     """The model config.json describes, with pretrained weights where the artifact needs them."""
-    from tlreg.backbones import weights_sha256
-    from tlreg.model import ModelInfo, create_model
+    from tlreg.models.backbones import weights_sha256
+    from tlreg.models.transfer import ModelInfo, create_model
     from tlreg.registry import get_policy
 
     bb = config["backbone"]
@@ -728,8 +728,8 @@ def _rebuild(config: Mapping[str, Any], allow_mismatch: bool) -> tuple[TransferM
 
 def _backbone_spec(bb: Mapping[str, Any]) -> Any:
     """The installed spec for the artifact's backbone, or an error naming who provides it."""
-    from tlreg import _timm
-    from tlreg.registry import get_backbone
+    from tlreg.models import _timm
+    from tlreg.models.backbones import get_backbone
 
     name, timm_name = bb["name"], bb["timm_name"]
     made = f"timm {bb['timm_version']}" if bb.get("timm_version") else "a newer timm"
@@ -805,7 +805,7 @@ def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     """
     if format not in ("tlreg", "timm"):
         raise UsageError(f"format must be 'tlreg' or 'timm', got {format!r}")
-    from tlreg.checkpoint import MODEL_JSON
+    from tlreg._io import MODEL_JSON
 
     run_dir = Path(run_dir)
     if not (run_dir / MODEL_JSON).is_file():
@@ -827,7 +827,7 @@ def run_metrics(run_dir: Path, checkpoint: str = "best") -> dict[str, float]:
 
     Falls back to the checkpoint's state.json, then to summary.json's validation entries.
     """
-    from tlreg.checkpoint import STATE_FILE, checkpoint_dir
+    from tlreg._io import STATE_FILE, checkpoint_dir
 
     run_dir = Path(run_dir)
     found = checkpoint_dir(run_dir / "checkpoints" / checkpoint)
@@ -867,7 +867,7 @@ def export_timm(model: TransferModel, out_dir: str | os.PathLike[str]) -> Path:
     """
     from torch import nn
 
-    from tlreg import _timm
+    from tlreg.models import _timm
 
     info = model.info
     linears = [m for m in model.head.modules() if isinstance(m, nn.Linear)]

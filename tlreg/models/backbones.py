@@ -9,60 +9,28 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tlreg.errors import WeightsError
+from tlreg.specs import BackboneSpec, StateDict
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
-StateDict = Mapping[str, "Tensor"]
+def get_backbone(name: str) -> BackboneSpec:
+    """A BackboneSpec for a registered name, or for any timm model as `timm:<name>[.<tag>]`."""
+    from tlreg.registry import TIMM_PREFIX, get
 
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """A named backbone.
-
-    Weights come from timm's default (Hub) source for `timm_name.tag`, from a local safetensors
-    file (`weights_file`), or from `loader`, a function a plugin provides that returns a state
-    dict (the classifier may be included; it is dropped).
-    """
-
-    timm_name: str
-    tag: str | None = None
-    weights_file: str | None = None
-    loader: Callable[[], StateDict] | None = field(default=None, compare=False)
-    weights_sha256: str | None = None  # canonical hash the loaded weights must have, if known
-    hub_id: str | None = None  # Hub repo the weights come from, for model cards' base_model
-    head: str = "linear"
-    policy: str = "auto"
-    lr: float = 1e-3
-    layer_decay: float = 0.75
-    summary: str = ""
-
-    @property
-    def arch(self) -> str:
-        return f"{self.timm_name}.{self.tag}" if self.tag else self.timm_name
-
-    @property
-    def source(self) -> str:
-        """Where pretrained weights come from: 'loader', 'file' or 'timm'."""
-        if self.loader is not None:
-            return "loader"
-        return "file" if self.weights_file else "timm"
-
-    def defaults(self) -> dict[str, Any]:
-        return {"head": self.head, "policy": self.policy, "lr": self.lr,
-                "layer_decay": self.layer_decay}
+    if name.startswith(TIMM_PREFIX):
+        return timm_spec(name.removeprefix(TIMM_PREFIX))
+    return get("backbone", name)
 
 
 def timm_spec(arch: str) -> BackboneSpec:
     """A spec for any raw timm model, `name` or `name.tag` (the `timm:` namespace)."""
-    from tlreg import _timm
     from tlreg.errors import UnknownNameError
+    from tlreg.models import _timm
     from tlreg.registry import _suggest
 
     name, _, tag = arch.partition(".")
@@ -94,7 +62,7 @@ def build_backbone(spec: BackboneSpec, *, name: str, pretrained: bool = True,
     `weights` (a safetensors file) overrides the spec's source. Every failure to get weights
     is one `WeightsError` naming the backbone, the source, and how to supply a file instead.
     """
-    from tlreg import _timm
+    from tlreg.models import _timm
 
     weights_file = weights or spec.weights_file
     if pretrained and weights_file is None and spec.loader is None:
@@ -132,7 +100,7 @@ def build_backbone(spec: BackboneSpec, *, name: str, pretrained: bool = True,
 
 def load_backbone_state(model: nn.Module, state: StateDict, *, name: str, source: str) -> None:
     """Strict load that tolerates only the original classifier's keys in `state`."""
-    from tlreg import _timm
+    from tlreg.models import _timm
 
     drop = tuple(p + "." for p in _timm.classifier_prefixes(model))
     own = set(model.state_dict())

@@ -135,7 +135,7 @@ class Gradual(StagePolicy):
 
 @dataclass(frozen=True)
 class Auto(StagePolicy):
-    """Chosen by the trainer from the data (`tlreg.auto.decide`); frozen until it decides.
+    """Chosen by the trainer from the data (`tlreg.engine.auto.decide`); frozen until it decides.
 
     A model built with `auto` outside a training run acts as a feature extractor. The run
     replaces it with the policy it chose, which is what its model.json and config.yaml record.

@@ -20,26 +20,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tlreg import distributed
-from tlreg.checkpoint import (
+from tlreg._io import (
     atomic_write_json,
     atomic_write_text,
     read_checkpoint,
     save_checkpoint,
     save_tensors,
-    write_model_json,
 )
-from tlreg.config import TrainConfig
+from tlreg.engine import distributed
+from tlreg.engine.config import TrainConfig
 from tlreg.errors import TlregError, UsageError
+from tlreg.runs.checkpoint import write_model_json
 
 if TYPE_CHECKING:
     import torch
 
-    from tlreg.augment import Augment
-    from tlreg.data import DataSplit, Sample
-    from tlreg.decoded import DecodedImages
-    from tlreg.model import TransferModel
-    from tlreg.solver import HeadFit
+    from tlreg.data.augment import Augment
+    from tlreg.data.decoded import DecodedImages
+    from tlreg.data.images import DataSplit, Sample
+    from tlreg.engine.solver import HeadFit
+    from tlreg.models.transfer import TransferModel
 
 
 class Interrupted(TlregError):
@@ -70,7 +70,7 @@ def fit(config: TrainConfig | None = None, *, resume: str | Path | None = None,
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
             raise UsageError(f"cannot resume: {run_dir} is not a tlreg run (no config.yaml)")
-        from tlreg.checkpoint import checkpoint_dir
+        from tlreg._io import checkpoint_dir
 
         if checkpoint_dir(run_dir / "checkpoints" / "last") is None:  # before reading the rest
             raise UsageError(f"cannot resume {run_dir}: no completed epoch was saved; start it "
@@ -173,7 +173,7 @@ class Trainer:
         self.feature_seconds: float | None = None
         self.head_fit: HeadFit | None = None  # the CV fit that is the run (--solver cv)
         self.lp_fit: HeadFit | None = None  # LP-FT's first phase
-        self.decision: Any = None  # what --policy auto chose (tlreg.auto.Decision)
+        self.decision: Any = None  # what --policy auto chose (tlreg.engine.auto.Decision)
         self.augment: Augment | None = None  # the training augmentation the probe measured
         self._probe_xy: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -245,8 +245,8 @@ class Trainer:
                 raise
 
     def _resolve(self, data: DataSplit) -> None:
-        from tlreg.model import build_from_info, create_model
-        from tlreg.registry import get_backbone
+        from tlreg.models.backbones import get_backbone
+        from tlreg.models.transfer import build_from_info, create_model
 
         cfg = self.config
         self.spec = get_backbone(cfg.backbone)
@@ -256,7 +256,8 @@ class Trainer:
             cfg = cfg.replace(policy_args=_lp_ft_args(cfg, cfg.policy, cfg.policy_args))
         self.requested = cfg  # what the user asked for; _plan() fills in the rest from it
         if self.resume:
-            from tlreg.checkpoint import info_from_dict, read_json
+            from tlreg._io import read_json
+            from tlreg.runs.checkpoint import info_from_dict
 
             meta = read_json(self.run_dir / "model.json")
             self.model = build_from_info(info_from_dict(meta["info"]), pretrained=False)
@@ -278,9 +279,9 @@ class Trainer:
         """Features or images, solver, epochs, rate and warm-up, from the policy and the data.
 
         Called again after `--policy auto` has decided. Values the user set are kept as they
-        are; the rest follow the rules in tlreg.auto (docs/training.md).
+        are; the rest follow the rules in tlreg.engine.auto (docs/training.md).
         """
-        from tlreg.auto import finetune_defaults
+        from tlreg.engine.auto import finetune_defaults
 
         cfg, model = self.requested, self.model
         self.auto = model.policy.name == "auto" and not self.resume
@@ -322,7 +323,7 @@ class Trainer:
     def run(self) -> RunResult:
         import torch
 
-        from tlreg.data import discover
+        from tlreg.data.images import discover
 
         cfg = self.config
         self._check_out_dir()
@@ -346,7 +347,7 @@ class Trainer:
         if not self.resume:
             self._probe_phase(data)  # --policy auto decides here; LP of LP-FT
             cfg = self.config
-        from tlreg.optim import build_optimizer, build_scheduler
+        from tlreg.engine.optim import build_optimizer, build_scheduler
 
         self.optimizer = build_optimizer(
             model, cfg.optimizer, lr=cfg.lr * self.lr_scale, layer_decay=cfg.layer_decay,
@@ -386,7 +387,7 @@ class Trainer:
         import torch
 
         from tlreg import __version__
-        from tlreg.backbones import weights_sha256
+        from tlreg.models.backbones import weights_sha256
 
         self._previous_wall = 0.0
         if not distributed.is_main():  # rank 0 writes every file of the run
@@ -466,13 +467,13 @@ class Trainer:
     # -- the head fitted on frozen features: auto's measurement, LP-FT's first phase ---------
 
     def _feature_cache(self) -> Any:
-        from tlreg.cache import FeatureCache, FeatureKey, cache_root
-        from tlreg.data import build_transform
+        from tlreg.data.features import FeatureCache, FeatureKey, cache_root
+        from tlreg.data.images import build_transform
 
         cfg = self.config
         if not cfg.cache:
             return None
-        from tlreg.backbones import weights_sha256
+        from tlreg.models.backbones import weights_sha256
 
         # The backbone is frozen while features are computed: its hash, taken now, holds.
         sha = self.pretrained_sha256 or weights_sha256(self.model.backbone.state_dict())
@@ -481,9 +482,9 @@ class Trainer:
         return FeatureCache(cache_root(cfg.cache_dir), key)
 
     def _fit_head(self, x: torch.Tensor, y: torch.Tensor) -> HeadFit:
-        """The head fitted in place to its CV-chosen optimum on (x, y) (tlreg.solver)."""
-        from tlreg.model import build_head
-        from tlreg.solver import fit_head
+        """The head fitted in place to its CV-chosen optimum on (x, y) (tlreg.engine.solver)."""
+        from tlreg.engine.solver import fit_head
+        from tlreg.models.transfer import build_head
 
         cfg, info = self.config, self.model.info
         dim = self.model.feature_dim
@@ -536,8 +537,8 @@ class Trainer:
 
         import torch
 
-        from tlreg.augment import measure
-        from tlreg.decoded import unsupported
+        from tlreg.data.augment import measure
+        from tlreg.data.decoded import unsupported
 
         cfg = self.config
         user = {k: getattr(cfg, k) for k in ("crop_scale", "hflip", "color_jitter")
@@ -572,8 +573,8 @@ class Trainer:
     def _decide(self, data: DataSplit, counts: torch.Tensor, fit: HeadFit) -> None:
         from dataclasses import replace
 
-        from tlreg.auto import decide
-        from tlreg.model import resolve_policy
+        from tlreg.engine.auto import decide
+        from tlreg.models.transfer import resolve_policy
 
         model = self.model
         d = decide(train_images=int(counts.sum()), smallest_class=int(counts.min()),
@@ -597,9 +598,9 @@ class Trainer:
         """Features and labels of the decodable samples (cache hits cost no forward pass)."""
         import torch
 
-        from tlreg.cache import cached_features
-        from tlreg.data import build_transform, make_loader
-        from tlreg.decoded import BatchEval
+        from tlreg.data.decoded import BatchEval
+        from tlreg.data.features import cached_features
+        from tlreg.data.images import build_transform, make_loader
 
         transform = build_transform(self.data_config, train=False)
         to_tensor = BatchEval(self.data_config)
@@ -670,7 +671,7 @@ class Trainer:
 
     def _decode_images(self, samples: Sequence[Sample], mode: str) -> DecodedImages | None:
         """`decode_all` with this run's budget, workers and cache folder; None over budget."""
-        from tlreg.decoded import decode_all
+        from tlreg.data.decoded import decode_all
 
         cfg = self.config
         return decode_all(samples, self.data_config, mode=mode, workers=cfg.workers,
@@ -815,7 +816,7 @@ class Trainer:
 
     def _decode(self, data: DataSplit) -> None:
         """Fill the decoded-image caches (`--decoded-cache`), or leave them None."""
-        from tlreg.decoded import BatchAugment, BatchEval
+        from tlreg.data.decoded import BatchAugment, BatchEval
 
         cfg = self.config
         self.decoded_train = self.decoded_val = None
@@ -844,7 +845,7 @@ class Trainer:
 
     def _decoded_mode(self) -> str:
         """`--decoded-cache` resolved: off when the cache cannot give exact eval inputs."""
-        from tlreg.decoded import unsupported
+        from tlreg.data.decoded import unsupported
 
         mode = "memory" if self.config.decoded_cache == "auto" else self.config.decoded_cache
         why = unsupported(self.data_config) if mode != "off" else None
@@ -867,7 +868,7 @@ class Trainer:
         """
         import torch
 
-        from tlreg.data import make_loader
+        from tlreg.data.images import make_loader
 
         cfg = self.config
         sampler = distributed.sampler(len(samples), shuffle=train, seed=seed, epoch=epoch)
@@ -900,7 +901,7 @@ class Trainer:
     def _fit_images(self, data: DataSplit) -> None:
         import torch
 
-        from tlreg.data import build_transform
+        from tlreg.data.images import build_transform
         from tlreg.progress import Progress
 
         cfg, model = self.config, self.model
@@ -965,7 +966,7 @@ class Trainer:
 
     def _augment(self) -> Augment:
         """The training augmentation: the config's values, timm's where it has none."""
-        from tlreg.augment import TIMM, Augment
+        from tlreg.data.augment import TIMM, Augment
 
         cfg = self.config
         return Augment(*(TIMM.crop_scale if cfg.crop_scale is None else cfg.crop_scale,
@@ -1018,8 +1019,8 @@ class Trainer:
     def _end_epoch(self, epoch: int, train_loss: float, train_acc: float, val_loss: float,
                    labels: list[int], preds: list[int], images: int, seconds: float,
                    compiling: float | None = None) -> None:
+        from tlreg.engine.optim import layer_lrs
         from tlreg.metrics import classification_report
-        from tlreg.optim import layer_lrs
 
         if self.world > 1:  # each rank met the unreadable files of its own shard
             self.skipped = set().union(*distributed.all_gather_object(sorted(self.skipped)))
@@ -1103,13 +1104,13 @@ class Trainer:
         import torch
 
         last = self.run_dir / "checkpoints" / "last"
-        from tlreg.checkpoint import checkpoint_dir
+        from tlreg._io import checkpoint_dir
 
         if checkpoint_dir(last) is None:
             raise UsageError(f"cannot resume {self.run_dir}: no completed epoch was saved; "
                              "start it again")
         model_state, state, tensors = read_checkpoint(last)
-        from tlreg.checkpoint import TRAIN_STATE_SCHEMA
+        from tlreg.runs.checkpoint import TRAIN_STATE_SCHEMA
 
         bad = [k for k, t in TRAIN_STATE_SCHEMA.items() if not isinstance(state.get(k), t)]
         if bad or not tensors or "rng.torch" not in tensors:
@@ -1167,7 +1168,7 @@ class Trainer:
         if distributed.is_main():
             atomic_write_json(self.run_dir / "summary.json", summary)
             if self.history:
-                from tlreg.plots import plot_history
+                from tlreg.runs.plots import plot_history
 
                 plot_history(self.history, self.run_dir / "training.png")
         if status == "completed":
@@ -1280,7 +1281,7 @@ def _lp_ft_args(cfg: TrainConfig, policy: str, args: dict[str, Any]) -> dict[str
 
 
 def _data_config(model: TransferModel, img_size: int | None) -> dict[str, Any]:
-    from tlreg.data import data_config_for
+    from tlreg.data.images import data_config_for
 
     return data_config_for(model.data_config, img_size)
 

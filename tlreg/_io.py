@@ -1,17 +1,9 @@
-"""Run directories and checkpoints, written atomically.
+"""File I/O every layer shares: atomic writes, checkpoint folders, bounded JSON reads.
 
-A checkpoint is a directory holding `model.safetensors` (the TransferModel state dict),
-optionally `frozen.safetensors` (tensors that cannot change during the run, such as a backbone
-that stays frozen: a hard link to one file written once per run, so an epoch does not rewrite
-them; `model.safetensors` then holds the rest), optionally `train_state.safetensors` (optimizer
-and RNG tensors) and `state.json` (everything else). It is written beside its final place and
-swapped in with renames, so a reader never sees a half-written pair: after a crash, either the
-old or the new checkpoint is there whole. Each checkpoint directory is complete on its own.
-
-Run directory layout::
-
-    RUN/config.yaml  run.json  model.json  history.json  summary.json  training.png
-    RUN/checkpoints/best/   RUN/checkpoints/last/
+A checkpoint folder holds `model.safetensors`, optionally `frozen.safetensors` (a hard link to
+tensors written once per run), optionally `train_state.safetensors` and `state.json`. It is
+written beside its final place and swapped in with renames, so a reader never sees a
+half-written pair: after a crash, either the old or the new folder is there whole.
 """
 
 from __future__ import annotations
@@ -23,7 +15,6 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +22,6 @@ from tlreg.errors import UsageError
 
 if TYPE_CHECKING:
     from torch import Tensor
-
-    from tlreg.model import ModelInfo, TransferModel
 
 MODEL_FILE = "model.safetensors"
 TRAIN_STATE_FILE = "train_state.safetensors"
@@ -210,17 +199,6 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any],
     return tensors, state, load_file(train) if train.is_file() else None
 
 
-def _tuples(d: Mapping[str, Any]) -> dict[str, Any]:
-    """JSON gives lists; timm's data configs use tuples."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-
-
-def info_to_dict(info: ModelInfo) -> dict[str, Any]:
-    d = asdict(info)
-    d["label_names"] = list(info.label_names)
-    return d
-
-
 MAX_JSON_BYTES = 64 << 20  # a run's history of thousands of epochs is a few MB
 
 #: The keys (and types) run files must have; checked on every read. (A checkpoint's
@@ -228,17 +206,6 @@ MAX_JSON_BYTES = 64 << 20  # a run's history of thousands of epochs is a few MB
 RUN_SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
     MODEL_JSON: {"info": dict},
 }
-#: A training checkpoint's state.json (the `last` one, which --resume reads).
-TRAIN_STATE_SCHEMA: dict[str, type | tuple[type, ...]] = {
-    "epoch": int, "history": list, "optimizer": dict, "scheduler": dict, "rng": dict,
-    "best_val_accuracy": (int, float), "skipped": list,
-}
-_INFO_SCHEMA: dict[str, type | tuple[type, ...]] = {
-    "backbone": str, "timm_name": str, "head": str, "num_classes": int, "policy": str,
-    "head_args": dict, "policy_args": dict, "label_names": (list, tuple),
-}
-
-
 def read_json(path: Path, schema: Mapping[str, type | tuple[type, ...]] | None = None,
               what: str = "run file") -> dict[str, Any]:
     """A JSON object from a file tlreg wrote, bounded in size and checked against `schema`.
@@ -262,43 +229,3 @@ def read_json(path: Path, schema: Mapping[str, type | tuple[type, ...]] | None =
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise UsageError(f"{what} {path} is damaged or not tlreg's ({exc})") from None
     return data
-
-
-def info_from_dict(d: Mapping[str, Any]) -> ModelInfo:
-    from tlreg.model import ModelInfo
-
-    for key, typ in _INFO_SCHEMA.items():
-        if not isinstance(d.get(key), typ) or (typ is int and isinstance(d.get(key), bool)):
-            raise UsageError(f"model.json's info.{key} is missing or not "
-                             f"{getattr(typ, '__name__', 'a list')}: the run file is damaged")
-    d = dict(d)
-    d["label_names"] = tuple(d.get("label_names") or ())
-    known = set(ModelInfo.__dataclass_fields__)
-    return ModelInfo(**{k: v for k, v in d.items() if k in known})
-
-
-def write_model_json(run_dir: Path, model: TransferModel, extra: Mapping[str, Any] = ()) -> None:
-    """What the run's model is: ModelInfo, the data config and the pretrained weights hash."""
-    data = {"info": info_to_dict(model.info), "data_config": model.data_config, **dict(extra)}
-    atomic_write_json(Path(run_dir) / MODEL_JSON, data)
-
-
-def load_run_model(run_dir: Path, checkpoint: str = "best") -> TransferModel:
-    """Rebuild a run's TransferModel (no download: every weight comes from the checkpoint)."""
-    from tlreg.model import build_from_info
-
-    run_dir = Path(run_dir)
-    if checkpoint not in {"best", "last"}:
-        raise UsageError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
-    meta_path = run_dir / MODEL_JSON
-    if not meta_path.is_file():
-        raise UsageError(f"{run_dir} is not a tlreg run directory (no {MODEL_JSON})")
-    meta = read_json(meta_path)
-    info = info_from_dict(meta["info"])
-    if meta.get("data_config"):  # the preprocessing it was trained with (--img-size included)
-        info = replace(info, data_config=_tuples(meta["data_config"]))
-    model = build_from_info(info, pretrained=False)
-    tensors, _, _ = read_checkpoint(run_dir / "checkpoints" / checkpoint)
-    model.load_state_dict(tensors, strict=True)
-    model.eval()
-    return model

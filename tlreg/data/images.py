@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from tlreg.augment import Augment
+    from tlreg.data.augment import Augment
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 
@@ -187,8 +187,8 @@ def build_transform(data_config: dict[str, Any], *, train: bool,
     `augment` sets the training transform's crop floor, flip rate and jitter (timm's defaults
     when None).
     """
-    from tlreg import _timm
-    from tlreg.augment import TIMM
+    from tlreg.data.augment import TIMM
+    from tlreg.models import _timm
 
     keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
     base = {k: data_config[k] for k in keys if k in data_config}

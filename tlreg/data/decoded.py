@@ -30,13 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tlreg.checkpoint import atomic_path, atomic_write_json
+from tlreg._io import atomic_path, atomic_write_json
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from tlreg.data import Sample
+    from tlreg.data.images import Sample
 
 MODES = ("off", "memory", "disk")
 
@@ -93,7 +93,7 @@ class _DecodeDataset:
         import numpy as np
         from PIL import Image
 
-        from tlreg.data import load_rgb
+        from tlreg.data.images import load_rgb
 
         try:
             img = load_rgb(self.samples[i].path)
@@ -152,7 +152,7 @@ def decode_all(samples: Sequence[Sample], data_config: dict[str, Any], *, mode: 
         return None
     disk_dir = None
     if mode == "disk":
-        from tlreg.cache import cache_root
+        from tlreg.data.features import cache_root
 
         disk_dir = cache_root(cache_dir) / "decoded" / _key(samples, short, interpolation)
         loaded = _load_disk(disk_dir, samples, short)
@@ -394,7 +394,7 @@ def benchmark_pipeline(data_dir: str | Path, data_config: dict[str, Any], *, epo
 
     import torch
 
-    from tlreg.data import build_transform, discover, make_loader
+    from tlreg.data.images import build_transform, discover, make_loader
 
     samples = discover(data_dir).train
     speeds = []

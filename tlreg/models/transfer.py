@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from tlreg import _timm
-from tlreg.backbones import BackboneSpec, build_backbone
 from tlreg.errors import PluginError, UsageError
-from tlreg.policies import FreezePlan, Policy
-from tlreg.registry import TIMM_PREFIX, find, get_backbone, get_head, get_policy
+from tlreg.models import _timm
+from tlreg.models.backbones import BackboneSpec, build_backbone, get_backbone
+from tlreg.models.policies import FreezePlan, Policy
+from tlreg.registry import TIMM_PREFIX, find, get_head, get_policy
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -168,24 +168,24 @@ class TransferModel(nn.Module):
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
-    # -- sharing (tlreg.artifact and tlreg.hub hold the logic) ----------------------------
+    # -- sharing (tlreg.sharing holds the logic) ------------------------------------------
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> Any:
         """Write the head-only artifact folder (see docs/format.md)."""
-        from tlreg.artifact import save_artifact
+        from tlreg.sharing.artifact import save_artifact
 
         return save_artifact(self, save_directory, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
         """Push the artifact to the Hub as one commit."""
-        from tlreg.hub import push_model
+        from tlreg.sharing.hub import push_model
 
         return push_model(self, repo_id, **kwargs)
 
     @classmethod
     def from_pretrained(cls, source: str, **kwargs: Any) -> TransferModel:
         """Load an artifact from a local folder, a run directory or a Hub id (`hf:` forces it)."""
-        from tlreg.artifact import load_artifact
+        from tlreg.sharing.artifact import load_artifact
 
         return load_artifact(source, **kwargs)
 

@@ -91,11 +91,11 @@ def measure(images: Sequence[torch.Tensor], labels: torch.Tensor,
             batch_size: int, seed: int) -> Augment:
     """Show `predict` (a normalised batch -> class ids) each candidate view, then `choose`.
 
-    `images` are decoded uint8 tensors (tlreg.decoded), `labels` their classes. Candidates
+    `images` are decoded uint8 tensors (tlreg.data.decoded), `labels` their classes. Candidates
     are tried strongest first and the first one kept ends its list; views are seeded, so the
     same images give the same answer.
     """
-    from tlreg.decoded import BatchAugment, BatchEval
+    from tlreg.data.decoded import BatchAugment, BatchEval
 
     def accuracy(view: Callable[..., torch.Tensor]) -> float:
         correct = 0

@@ -11,7 +11,7 @@ Three rules keep N processes equal to one process with the same global batch:
   (seed, epoch)); rank r takes every N-th index, so the ranks' k-th batches together are the
   one-process k-th global batch, and DDP's gradient average is its gradient.
 * Augmentation is seeded per sample from (epoch seed, sample index), never from the rank,
-  worker or batch that happens to load it (`tlreg.data.ImageDataset(per_sample_seed=)`).
+  worker or batch that happens to load it (`tlreg.data.images.ImageDataset(per_sample_seed=)`).
 * DDP only syncs the gradients of parameters that required grad when it was built, so the
   wrapper is rebuilt whenever a freezing policy changes the trainable set (`Replicas`).
 
@@ -34,8 +34,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from tlreg.cache import FeatureCache
-    from tlreg.data import Sample
+    from tlreg.data.features import FeatureCache
+    from tlreg.data.images import Sample
 
 TIMEOUT_ENV = "TLREG_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800.0  # torch's gloo default; a rank that never arrives fails the job then
@@ -331,7 +331,7 @@ def gather_by_index(indices: torch.Tensor, *columns: torch.Tensor) -> tuple[torc
 def shard_features(samples: Sequence[Sample],
                    compute: Callable[[list[int]], tuple[torch.Tensor, list[int]]],
                    cache: FeatureCache | None, width: int) -> tuple[torch.Tensor, list[int]]:
-    """`tlreg.cache.cached_features` for N processes: each rank computes 1/N of the misses.
+    """`tlreg.data.features.cached_features` for N processes: each rank computes 1/N of the misses.
 
     Rank 0 looks the samples up in the cache and names the missing ones; every rank runs the
     backbone on its share; the shares are gathered; rank 0 alone writes the new rows to the
@@ -340,7 +340,7 @@ def shard_features(samples: Sequence[Sample],
     """
     import torch
 
-    from tlreg.cache import cached_features
+    from tlreg.data.features import cached_features
 
     n_world, me = world(), rank()
     missing: list[int] | None = None

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tlreg.checkpoint import atomic_write_json, read_checkpoint, save_checkpoint
+from tlreg._io import atomic_write_json, read_checkpoint, save_checkpoint
 
 if TYPE_CHECKING:
     import torch
 
-    from tlreg.data import Sample
+    from tlreg.data.images import Sample
 
 CACHE_ENV = "TLREG_CACHE_DIR"
 
@@ -200,7 +200,7 @@ def cached_features(samples: Sequence[Sample], compute: Callable[[list[int]], tu
 def list_entries(root: Path | None = None) -> list[dict[str, Any]]:
     """For `tlreg cache ls`: every entry of both caches tlreg writes, with its size on disk.
 
-    `kind` is `features` (this module) or `decoded` (tlreg.decoded's disk cache).
+    `kind` is `features` (this module) or `decoded` (tlreg.data.decoded's disk cache).
     """
     rows = []
     for kind in ("features", "decoded"):

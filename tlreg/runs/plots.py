@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tlreg.checkpoint import atomic_path
+from tlreg._io import atomic_path
 
 
 def plot_history(history: Sequence[dict[str, Any]], path: Path) -> None:

@@ -33,7 +33,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR, StepLR
 
 from tlreg.errors import UsageError
-from tlreg.model import TransferModel
+from tlreg.models.transfer import TransferModel
 
 __all__ = [
     "SCHEDULERS",
