@@ -71,9 +71,9 @@ def reference(data: Path, cache: Path, seed: int) -> dict[str, Any]:
     from sklearn.preprocessing import StandardScaler
 
     from tlreg._io import read_checkpoint
-    from tlreg.data.images import discover
+    from tlreg.data.sources import open_source
 
-    split = discover(data)
+    split = open_source(data, None, 0)
     entries = list((cache / "features").glob("*/entry"))
     assert len(entries) == 1, entries
     tensors, state, _ = read_checkpoint(entries[0])

@@ -26,7 +26,7 @@ def measure(workdir: Path, backbone: str = "resnet18", num_classes: int = 2) -> 
     from safetensors.torch import save_file
 
     from tlreg.models.transfer import create_model
-    from tlreg.sharing.artifact import save_artifact
+    from tlreg.sharing.save import save_artifact
 
     torch.manual_seed(0)
     model = create_model(backbone, num_classes, head="linear", policy="feature-extract",

@@ -27,9 +27,10 @@ def recompute_loop(data: Path, backbone: str, epochs: int, batch_size: int, img_
     import torch
 
     import tlreg
-    from tlreg.data.images import build_transform, data_config_for, discover, make_loader
+    from tlreg.data.images import build_transform, data_config_for, make_loader
+    from tlreg.data.sources import open_source
 
-    split = discover(data)
+    split = open_source(data, None, 0)
     torch.manual_seed(0)
     model = tlreg.create_model(backbone, len(split.classes), pretrained=False,
                                policy="feature-extract")

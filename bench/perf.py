@@ -755,7 +755,7 @@ def render_fig3(d: dict[str, Any]) -> list[str]:
            f"{_n(d['epochs'], 'epoch')}, batch 32, {d['workers']} workers: median images/s "
            "of the epochs after the first. `imagefolder`: torchvision `ImageFolder` + PIL + "
            "the tutorial's train transforms; `tlreg` / `tlreg-cache`: "
-           "`tlreg.data.images.benchmark_pipeline` with the decoded-image cache off / on.", ""]
+           "`tlreg.data.decoded.benchmark_pipeline` with the decoded-image cache off / on.", ""]
     if d.get("note"):
         out += [f"**Not complete:** {d['note']}.", ""]
     rows = []

@@ -49,7 +49,7 @@ class PluginSite:
             modules: Mapping[str, str], version: str = "0.1.0") -> PluginDist:
         """Write `modules` ({module name: source}) and a dist-info registering `entry_points`.
 
-        `entry_points` maps a group ('tlreg.models.backbones') to {entry name: 'module:attr'}.
+        `entry_points` maps a group ('tlreg.backbones') to {entry name: 'module:attr'}.
         """
         for mod, source in modules.items():
             (self.root / f"{mod}.py").write_text(textwrap.dedent(source))

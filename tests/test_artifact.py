@@ -27,14 +27,7 @@ from huggingface_hub import ModelCard, constants
 from safetensors.torch import load_file, save, save_file
 
 from tlreg._io import save_checkpoint
-from tlreg.errors import UsageError
-from tlreg.models.backbones import weights_sha256
-from tlreg.models.transfer import TransferModel, create_model
-from tlreg.runs.checkpoint import write_model_json
-from tlreg.sharing.artifact import (
-    BACKBONE_FILE,
-    CONFIG_FILE,
-    HEAD_FILE,
+from tlreg.errors import (
     ArtifactError,
     BackboneMismatchError,
     BackboneMismatchWarning,
@@ -42,13 +35,15 @@ from tlreg.sharing.artifact import (
     ChecksumError,
     FormatVersionError,
     UnsafeFileError,
-    export_run,
-    export_timm,
-    file_sha256,
-    load_artifact,
-    parse_source,
-    save_artifact,
+    UsageError,
 )
+from tlreg.models.backbones import weights_sha256
+from tlreg.models.transfer import TransferModel, create_model
+from tlreg.runs.checkpoint import write_model_json
+from tlreg.sharing.api import load_artifact, parse_source
+from tlreg.sharing.exporters import export_run, export_timm
+from tlreg.sharing.format import BACKBONE_FILE, CONFIG_FILE, HEAD_FILE, file_sha256
+from tlreg.sharing.save import save_artifact
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMM_REPO = "timm/test_resnet.r160_in1k"  # where timm looks for `test_resnet` weights
@@ -581,7 +576,7 @@ def test_a_damaged_header_with_a_matching_checksum_is_an_artifact_error(
 @pytest.mark.parametrize("source", ["a/..", "user/na--me", "user/name@../../etc",
                                     "user/name@a b", "user/name@.hidden/x"])
 def test_unsafe_repo_ids_and_revisions_are_refused(source: str) -> None:
-    from tlreg.sharing.artifact import split_revision
+    from tlreg.sharing.hub import split_revision
 
     with pytest.raises(UsageError, match=r"invalid (Hub repo id|revision)"):
         split_revision(source)

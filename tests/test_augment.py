@@ -15,7 +15,8 @@ from PIL import Image
 from tlreg.data.augment import KEEP_CROPS, KEEP_FLIPS, TIMM, choose, keeps
 from tlreg.data.decoded import BatchAugment
 from tlreg.engine.config import TrainConfig
-from tlreg.engine.trainer import _spread, fit
+from tlreg.engine.probe import spread as _spread
+from tlreg.engine.trainer import fit
 from tlreg.errors import UsageError
 
 

@@ -55,6 +55,9 @@ def test_plugins_json_lists_builtins_under_their_groups(tlreg_cmd):
                             "mobilenetv3_large_100", "vit_small_patch16_224"},
         "tlreg.heads": {"linear", "mlp", "cosine"},
         "tlreg.policies": {"auto", "feature-extract", "finetune", "partial", "gradual"},
+        "tlreg.callbacks": {"early-stopping"},
+        "tlreg.sources": {"folder"},
+        "tlreg.exporters": {"tlreg", "timm"},
     }
     row = next(r for r in data["tlreg.heads"] if r["name"] == "mlp")
     assert row == {"name": "mlp", "distribution": "tlreg", "version": tlreg.__version__,

@@ -102,7 +102,8 @@ def test_check_all_builtins_visits_every_entry(monkeypatch):
     monkeypatch.setattr(testing, "check_head", lambda n, **kw: seen.append(("h", n, kw)))
     monkeypatch.setattr(testing, "check_policy", lambda n, **kw: seen.append(("p", n, kw)))
     results = check_all_builtins()
-    expected = {f"tlreg:{p.name}" for p in find_plugins() if p.dist == "tlreg"}
+    expected = {f"tlreg:{p.name}" for p in find_plugins() if p.dist == "tlreg"
+                and p.kind in ("backbone", "head", "policy")}
     assert set(results) == expected
     assert {n for _, n, _ in seen} == expected
     assert ("p", "tlreg:partial", {"train_last": 2}) in seen

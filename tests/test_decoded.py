@@ -9,7 +9,8 @@ import torch
 from images import HYMENOPTERA, colour_folder, hymenoptera_subset
 
 from tlreg.data.decoded import BatchAugment, BatchEval, decode_all, short_side_for
-from tlreg.data.images import Sample, build_transform, load_rgb
+from tlreg.data.images import build_transform, load_rgb
+from tlreg.data.sources import Sample
 from tlreg.engine.config import TrainConfig
 from tlreg.engine.trainer import fit
 

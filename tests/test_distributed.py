@@ -21,7 +21,7 @@ import torch
 from images import colour_folder, count_backbone_images
 
 from tlreg._io import read_checkpoint
-from tlreg.engine import distributed
+from tlreg.engine import distributed, sharding
 from tlreg.engine.trainer import fit
 from tlreg.errors import UsageError
 
@@ -44,14 +44,14 @@ if os.environ.get("T_PIDS"):
     Path(os.environ["T_PIDS"], f"rank{rank}").write_text(str(os.getpid()))
 if os.environ.get("T_WHOLE_DATA"):  # the deliberate bug: every rank sees the whole data set
     from torch.utils.data.distributed import DistributedSampler
-    from tlreg.engine import distributed
+    from tlreg.engine import sharding
 
     def whole(n, *, shuffle, seed, epoch=0):
         s = DistributedSampler(range(n), num_replicas=1, rank=0, shuffle=shuffle, seed=seed)
         s.set_epoch(epoch)
         return s
 
-    distributed.sampler = whole
+    sharding.sampler = whole
 if os.environ.get("T_SLEEP"):  # a pause after every saved epoch, to kill a rank in
     from tlreg.engine.trainer import Trainer
 
@@ -73,6 +73,22 @@ if os.environ.get("T_RAISE_RANK") == rank:  # an exception on one rank in epoch 
         return finish_epoch(self, epoch, *args, **kwargs)
 
     Trainer._end_epoch = boom
+if os.environ.get("T_STOP_RANK") == rank:  # only this rank's callback asks to stop, epoch 2
+    from tlreg.engine.callbacks import Callback
+    from tlreg.engine.trainer import Trainer
+
+    class StopAfterTwo(Callback):
+        def on_epoch_end(self, trainer, epoch):
+            if epoch == 1:
+                trainer.request_stop("rank " + rank + " asked")
+
+    init = Trainer.__init__
+
+    def with_stop(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.callbacks.named.append(("stop", StopAfterTwo()))
+
+    Trainer.__init__ = with_stop
 if os.environ.get("T_COUNT"):  # images this rank ran through the backbone
     from tlreg.models.transfer import TransferModel
 
@@ -304,6 +320,19 @@ def test_exception_on_one_rank_fails_the_job(data: Path, tmp_path: Path,
     assert state["epoch"] == 1  # rank 0 never saved past the failure, and epoch 1 is whole
 
 
+def test_a_stop_asked_on_one_rank_stops_every_rank(data: Path, tmp_path: Path,
+                                                    worker: Path) -> None:
+    out = tmp_path / "run"
+    proc = torchrun(str(worker), *argv(data, out, options("finetune", epochs=4),
+                                       batch_size=4), T_STOP_RANK="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert (s["status"], s["epochs"], s["stopped_early"]) == ("completed", 2, True)
+    assert s["stop_reason"] == "rank 1 asked" and s["replicas_identical"] is True
+    _, state, _ = read_checkpoint(out / "checkpoints" / "last")
+    assert (state["epoch"], state["stop_reason"]) == (2, "rank 1 asked")
+
+
 def test_devices_reports_the_failed_rank(monkeypatch: pytest.MonkeyPatch) -> None:
     """`--devices`: the agent's ChildFailedError becomes one line and a non-zero exit."""
     import torch.distributed.run as torchrun_mod
@@ -337,12 +366,12 @@ def test_eval_sharding_counts_each_sample_once() -> None:
     assert shards == [[0, 2, 4], [1, 3, 0]]  # index 0 is a padded repeat
     idx = torch.tensor(shards[0] + shards[1])
     preds = idx * 10
-    got_idx, got_preds = distributed.gather_by_index(idx, preds)
+    got_idx, got_preds = sharding.gather_by_index(idx, preds)
     assert got_idx.tolist() == [0, 1, 2, 3, 4]
     assert got_preds.tolist() == [0, 10, 20, 30, 40]
     # Training: the one-process order, and rank r of 2 takes its positions r, r + 2, ...; so
     # the ranks' k-th batches of 4 together are the one-process k-th batch of 8.
-    order = list(distributed.sampler(16, shuffle=True, seed=7, epoch=2))
+    order = list(sharding.sampler(16, shuffle=True, seed=7, epoch=2))
     assert sorted(order) != order and sorted(order) == list(range(16))
     for r in (0, 1):
         shard = DistributedSampler(range(16), num_replicas=2, rank=r, shuffle=True, seed=7)

@@ -36,27 +36,19 @@ from test_artifact import (
 )
 
 import tlreg.cli
-from tlreg.models.transfer import create_model
-from tlreg.sharing.artifact import (
-    BACKBONE_FILE,
-    CONFIG_FILE,
-    HEAD_FILE,
+from tlreg.errors import (
     ChecksumError,
     FormatVersionError,
-    UnsafeFileError,
-    load_artifact,
-    save_artifact,
-)
-from tlreg.sharing.hub import (
     HubConnectionError,
     HubNotFoundError,
+    UnsafeFileError,
     UnsafeUploadError,
-    hub_errors,
-    inspect,
-    pull,
-    push_model,
-    push_run,
 )
+from tlreg.models.transfer import create_model
+from tlreg.sharing.api import inspect, load_artifact, push_model, push_run
+from tlreg.sharing.format import BACKBONE_FILE, CONFIG_FILE, HEAD_FILE
+from tlreg.sharing.hub import hub_errors, pull
+from tlreg.sharing.save import save_artifact
 
 hub = test_artifact.hub  # the shared fixture: a LocalHub as the Hub (hf_env is in conftest)
 

@@ -1,7 +1,7 @@
 """SIGKILL at every visible step of an export: the old or the new artifact, never neither.
 
 Export, `export --format timm` and `pull --dir` all write through
-`tlreg.sharing.artifact.write_folder_atomically`; the child process below counts that function's
+`tlreg.sharing.save.write_folder_atomically`; the child process below counts that function's
 file-system steps (renames, replaces, removals) and kills itself at step N, for every N.
 """
 
@@ -16,7 +16,8 @@ import pytest
 from images import colour_folder
 
 from tlreg.engine.trainer import fit
-from tlreg.sharing.artifact import export_run, load_artifact
+from tlreg.sharing.api import load_artifact
+from tlreg.sharing.exporters import export_run
 
 # Counts the visible file-system steps (renames, replaces, removals, links) and SIGKILLs the
 # process at step argv[1]; then runs the code that follows it.
@@ -34,7 +35,7 @@ os.replace, os.rename, shutil.rmtree, os.unlink, os.link = (
     step(os.replace), step(os.rename), step(shutil.rmtree), step(os.unlink), step(os.link))
 """
 CHILD = KILLER + r"""
-from tlreg.sharing.artifact import export_run
+from tlreg.sharing.exporters import export_run
 export_run(sys.argv[2], sys.argv[3])
 print("steps", steps[0])
 """

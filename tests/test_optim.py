@@ -14,7 +14,8 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR, StepLR
 
 from tlreg.cli import main
-from tlreg.engine.optim import build_optimizer, build_scheduler, layer_lrs, lr_plan
+from tlreg.engine.optim import build_optimizer, layer_lrs, lr_plan
+from tlreg.engine.schedulers import build_scheduler
 from tlreg.errors import UsageError
 from tlreg.models.transfer import create_model
 

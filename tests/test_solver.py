@@ -22,7 +22,8 @@ from tlreg.engine.solver import (
 from tlreg.engine.trainer import fit
 from tlreg.errors import UsageError
 from tlreg.models.heads import mlp
-from tlreg.sharing.artifact import export_run, load_artifact
+from tlreg.sharing.api import load_artifact
+from tlreg.sharing.exporters import export_run
 
 sklearn = pytest.importorskip("sklearn")
 

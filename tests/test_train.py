@@ -193,7 +193,7 @@ def test_unreadable_and_odd_images(tmp_path: Path) -> None:
 
 
 def test_val_split_is_stratified_and_seeded(tmp_path: Path) -> None:
-    from tlreg.data.images import discover
+    from tlreg.data.folder import folder as discover
 
     root = colour_folder(tmp_path / "d", per_class=10, val_per_class=0)
     flat = tmp_path / "flat"
@@ -377,9 +377,9 @@ def test_cpu_feature_pass_decodes_first_and_feeds_the_backbone_the_same_inputs(
         assert torch.equal(a, b), "the decoded path changed the backbone's input"
     torch.testing.assert_close(decoded.model.head.state_dict(), loader.model.head.state_dict(),
                                atol=1e-6, rtol=1e-5)
-    import tlreg.engine.trainer
+    import tlreg.engine.inputs
 
-    monkeypatch.setattr(tlreg.engine.trainer, "_DECODE_CHUNK", 5)  # memory bounded: 5 at a time
+    monkeypatch.setattr(tlreg.engine.inputs, "_DECODE_CHUNK", 5)  # memory bounded: 5 at a time
     calls.clear()
     chunked = fit(tiny(ants, tmp_path / "chunked", cache=False))
     assert calls == [5, 5, 5, 1, 5, 3]

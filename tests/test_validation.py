@@ -14,7 +14,8 @@ import pytest
 from images import colour_folder
 from PIL import Image
 
-from tlreg.data.images import ImageTooLarge, discover, load_rgb
+from tlreg.data.folder import folder as discover
+from tlreg.data.images import ImageTooLarge, load_rgb
 from tlreg.engine.config import TrainConfig
 from tlreg.errors import UsageError
 
@@ -126,7 +127,7 @@ def _modes(root: Path) -> set[tuple[str, int]]:
 
 def test_created_files_follow_the_umask(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tlreg.engine.trainer import fit
-    from tlreg.sharing.artifact import export_run
+    from tlreg.sharing.exporters import export_run
 
     monkeypatch.setenv("TLREG_CACHE_DIR", str(tmp_path / "cache"))
     data = colour_folder(tmp_path / "data", per_class=4, val_per_class=2)
@@ -286,7 +287,8 @@ def test_stale_temporary_folders_are_cleaned_under_the_lock(finished: tuple[Path
 
 def test_an_artifact_swap_killed_between_its_renames(finished: tuple[Path, Path],
                                                      tmp_path: Path) -> None:
-    from tlreg.sharing.artifact import export_run, load_artifact
+    from tlreg.sharing.api import load_artifact
+    from tlreg.sharing.exporters import export_run
 
     _, run = finished
     art = export_run(run, tmp_path / "art")

@@ -36,7 +36,7 @@ def run_demo(data: str | Path | None = None, out: str | Path | None = None,
     """Train, evaluate, export and predict; returns what it printed as a dict."""
     from tlreg.engine.trainer import fit
     from tlreg.predict import load_model, predict
-    from tlreg.sharing.artifact import export_run
+    from tlreg.sharing.exporters import export_run
 
     check_plugin()
     data = Path(data) if data else default_data()

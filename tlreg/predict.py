@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 def load_model(source: str, *, checkpoint: str = "best", **hub_options: Any) -> TransferModel:
     """A run directory (has model.json), an artifact folder, or a Hub id (`hf:` forces it)."""
-    from tlreg.sharing.artifact import load_artifact
+    from tlreg.sharing.api import load_artifact
 
     return load_artifact(source, checkpoint=checkpoint, **hub_options)
 
@@ -45,7 +45,8 @@ def _logits(model: TransferModel, files: Sequence[str], batch_size: int,
     """Logits for the decodable files (in order) and the positions that failed to decode."""
     import torch
 
-    from tlreg.data.images import Sample, build_transform, make_loader
+    from tlreg.data.images import build_transform, make_loader
+    from tlreg.data.sources import Sample
 
     transform = build_transform(model.data_config, train=False)
     loader = make_loader([Sample(f, 0) for f in files], transform, batch_size=batch_size,
@@ -98,7 +99,7 @@ def predict(model: TransferModel, inputs: Sequence[str], *, top_k: int = 1,
 def evaluate(model: TransferModel, data_dir: str, *, batch_size: int = 32,
              device: str = "cpu") -> dict[str, Any]:
     """Accuracy, per-class precision / recall and the confusion matrix on `<class>/` folders."""
-    from tlreg.data.images import scan_folder
+    from tlreg.data.folder import scan_folder
     from tlreg.metrics import classification_report
 
     _check_options(batch_size, device)

@@ -33,8 +33,9 @@ VALIDATORS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "head": (callable, "a callable (in_features, num_classes, **args) -> nn.Module"),
     "policy": (callable, "a callable (**args) -> Policy"),
     "callback": (callable, "a callable (**args) -> tlreg.engine.callbacks.Callback"),
-    "source": (callable, "a callable (location, val_split, seed) -> tlreg.data.DataSplit"),
-    "exporter": (callable, "a callable (model, out_dir, **args) -> Path"),
+    "source": (callable, "a callable (location, val_split, seed) -> tlreg.data.sources.DataSplit"),
+    "exporter": (callable, "a callable (model, out_dir, **kwargs) -> Path, see "
+                           "tlreg.sharing.exporters.Exporter"),
 }
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from typer.core import TyperCommand
 
 from tlreg.cli._output import print_json, print_table
 
@@ -20,9 +21,31 @@ ALLOW_MISMATCH = typer.Option(False, "--allow-backbone-mismatch",
                                    "ones the head was trained on (with a warning).")
 
 
+FORMAT_HELP = ("Exporter, one of: {names}. tlreg: head-only artifact; timm: full model folder "
+               "for timm.create_model('local-dir:OUT', pretrained=True); plugins add more "
+               "(entry-point group tlreg.exporters).")
+
+
+class _ExportCommand(TyperCommand):
+    """`tlreg export`: its --format help names the registered exporters when it is shown.
+
+    Read from package metadata then, not when the app is built, so starting `tlreg` costs no
+    entry-point scan (and never imports an exporter).
+    """
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        from tlreg.plugins import find_plugins
+
+        names = ", ".join(sorted({p.name for p in find_plugins("exporter")})) or "none"
+        for param in self.params:
+            if param.name == "fmt":
+                param.help = FORMAT_HELP.format(names=names)
+        super().format_help(ctx, formatter)
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `tlreg` app."""
-    app.command("export")(export)
+    app.command("export", cls=_ExportCommand)(export)
     app.command("push")(push)
     app.command("pull")(pull)
     app.command("inspect")(inspect)
@@ -33,13 +56,12 @@ def export(
     out: Path = typer.Argument(..., help="Folder to write (replaced atomically if an artifact)."),
     checkpoint: str = CHECKPOINT,
     fmt: str = typer.Option("tlreg", "--format",
-                            help="tlreg: head-only artifact; timm: full model folder for "
-                                 "timm.create_model('local-dir:OUT', pretrained=True)."),
+                            help=FORMAT_HELP.format(names="those `tlreg plugins` lists")),
     dataset: str | None = typer.Option(None, "--dataset",
                                        help="Hub dataset id for the model card's metadata."),
 ) -> None:
     """Write a run's model as a shareable folder (see docs/format.md)."""
-    from tlreg.sharing.artifact import export_run
+    from tlreg.sharing.exporters import export_run
 
     path = export_run(run, out, checkpoint, format=fmt, dataset=dataset)
     print(f"wrote {path} ({_size(path)})")
@@ -57,7 +79,7 @@ def push(
                                        help="Hub dataset id for the card (runs only)."),
 ) -> None:
     """Push an artifact to the Hub as one commit (created if needed)."""
-    from tlreg.sharing.hub import push_model
+    from tlreg.sharing.api import push_model
 
     kwargs: dict[str, Any] = {"dataset": dataset} if dataset else {}
     url = push_model(source, repo_id, private=private, revision=revision, message=message,
@@ -88,7 +110,7 @@ def inspect(
     token: str | None = TOKEN,
 ) -> None:
     """Show an artifact's config, files, checksums and card metadata (no weights downloaded)."""
-    from tlreg.sharing.hub import inspect as inspect_source
+    from tlreg.sharing.api import inspect as inspect_source
 
     report = inspect_source(source, token=token)
     if as_json:

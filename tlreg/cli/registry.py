@@ -27,7 +27,7 @@ def plugins(
     check: bool = typer.Option(False, "--check", help="Load every entry and report failures."),
     as_json: bool = JSON,
 ) -> None:
-    """Every registered backbone, head and policy, with the package that provides it."""
+    """Every registered backbone, head, policy, callback, data source and exporter, by package."""
     from tlreg.plugins import find_plugins
     from tlreg.registry import check_all
 

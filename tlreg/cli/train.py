@@ -8,6 +8,8 @@ from typing import Any
 import typer
 
 from tlreg.cli._output import print_json, print_table
+from tlreg.engine.callbacks import MONITORS
+from tlreg.engine.schedulers import SCHEDULERS
 from tlreg.errors import UsageError
 
 cache_app = typer.Typer(help="Inspect or clear the feature and decoded-image caches.",
@@ -34,10 +36,28 @@ def parse_kv(items: list[str] | None, what: str) -> dict[str, Any]:
     return out
 
 
+def callback_args(names: list[str], items: list[str]) -> dict[str, dict[str, Any]]:
+    """`--callback-arg k=v` for the one --callback, `NAME:k=v` to pick one of several."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, sep, kv = item.partition(":")
+        if not sep or "=" in name:
+            if len(names) != 1:
+                raise UsageError(f"--callback-arg {item!r}: with {len(names) or 'no'} --callback "
+                                 "options, write NAME:key=value")
+            name, kv = names[0], item
+        if name not in names:
+            raise UsageError(f"--callback-arg {item!r} names {name!r}, which is not a "
+                             f"--callback ({', '.join(names) or 'none'})")
+        out.setdefault(name, {}).update(parse_kv([kv], "callback-arg"))
+    return out
+
+
 def train(
     ctx: typer.Context,
     data: str | None = typer.Argument(
-        None, help="Image folder: DATA/train/<class>, DATA/val/<class>."
+        None, help="Image folder (DATA/train/<class>, DATA/val/<class>), or NAME:LOCATION for a "
+        "registered data source (tlreg plugins)."
     ),
     out: str | None = typer.Option(None, "--out", "-o", help="Run directory to create."),
     config: Path | None = typer.Option(
@@ -82,7 +102,7 @@ def train(
     weight_decay: float | None = typer.Option(None, "--weight-decay"),
     momentum: float | None = typer.Option(None, "--momentum"),
     scheduler: str | None = typer.Option(
-        None, "--scheduler", help="cosine, step, onecycle, constant."
+        None, "--scheduler", help=f"{', '.join(SCHEDULERS)} (docs/optim.md)."
     ),
     warmup_epochs: float | None = typer.Option(None, "--warmup-epochs"),
     step_size: int | None = typer.Option(None, "--step-size"),
@@ -146,13 +166,31 @@ def train(
     lr_scaling: str | None = typer.Option(
         None, "--lr-scaling", help="none, or linear: lr x number of processes."
     ),
+    early_stopping: int | None = typer.Option(
+        None, "--early-stopping", metavar="PATIENCE",
+        help="Stop when --monitor has not improved for PATIENCE epochs.",
+    ),
+    monitor: str | None = typer.Option(
+        None, "--monitor", help=f"What picks the best epoch (the one exported) and early "
+        f"stopping watches: {', '.join(MONITORS)} (default val_accuracy).",
+    ),
+    min_delta: float | None = typer.Option(
+        None, "--min-delta", help="An epoch is better only by more than this (default 0)."
+    ),
+    callback: list[str] | None = typer.Option(
+        None, "--callback", help="A registered callback (tlreg plugins); repeatable."
+    ),
+    callback_arg: list[str] | None = typer.Option(
+        None, "--callback-arg", help="key=value for the --callback (NAME:key=value with several)."
+    ),
 ) -> None:
     """Train a head (and, by policy, the backbone) on an image folder."""
     options = {
         k: v
         for k, v in locals().items()
         if v is not None
-        and k not in {"ctx", "config", "resume", "head_arg", "policy_arg", "devices"}
+        and k not in {"ctx", "config", "resume", "head_arg", "policy_arg", "devices",
+                      "callback", "callback_arg"}
     }
     if devices is not None and devices != 1:
         _launch(ctx, devices)
@@ -161,6 +199,10 @@ def train(
         options["head_args"] = parse_kv(head_arg, "head-arg")
     if policy_arg:
         options["policy_args"] = parse_kv(policy_arg, "policy-arg")
+    if callback:
+        options["callbacks"] = list(callback)
+    if callback_arg:
+        options["callback_args"] = callback_args(callback or [], callback_arg)
     from tlreg.engine.config import TrainConfig
     from tlreg.engine.trainer import fit
 
@@ -181,6 +223,7 @@ def train(
         f"val accuracy {s['val_accuracy']:.4f} (best {s['best_val_accuracy']:.4f}) "
         f"after {s['epochs']} epochs, {s['wall_seconds']:.1f}s; "
         f"{s['skipped_files']} files skipped -> {result.run_dir}"
+        + (f" (stopped early: {s['stop_reason']})" if s.get("stopped_early") else "")
     )
 
 

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from tlreg.data.images import Sample
+    from tlreg.data.sources import Sample
 
 MODES = ("off", "memory", "disk")
 
@@ -394,9 +394,10 @@ def benchmark_pipeline(data_dir: str | Path, data_config: dict[str, Any], *, epo
 
     import torch
 
-    from tlreg.data.images import build_transform, discover, make_loader
+    from tlreg.data.folder import folder
+    from tlreg.data.images import build_transform, make_loader
 
-    samples = discover(data_dir).train
+    samples = folder(data_dir).train
     speeds = []
     decoded = None
     for epoch in range(epochs):

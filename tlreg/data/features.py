@@ -22,7 +22,7 @@ from tlreg._io import atomic_write_json, read_checkpoint, save_checkpoint
 if TYPE_CHECKING:
     import torch
 
-    from tlreg.data.images import Sample
+    from tlreg.data.sources import Sample
 
 CACHE_ENV = "TLREG_CACHE_DIR"
 

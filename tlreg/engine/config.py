@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tlreg.engine.callbacks import MONITORS
+from tlreg.engine.schedulers import SCHEDULERS
 from tlreg.errors import UsageError
 
-SCHEDULERS = ("cosine", "step", "onecycle", "constant")
 SOLVERS = ("auto", "cv", "sgd", "lbfgs")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LR_SCALINGS = ("none", "linear")
@@ -74,6 +75,12 @@ class TrainConfig:
     seed: int = 0
     quiet: bool = False
     resume_anyway: bool = False  # --resume on a changed file list (never on changed classes)
+    # Which epoch is best (checkpoints/best, what `tlreg export` ships) and when to stop
+    monitor: str = "val_accuracy"
+    min_delta: float = 0.0  # an epoch is better only by more than this
+    early_stopping: int | None = None  # patience in epochs; None: run every epoch
+    callbacks: list[str] = field(default_factory=list)  # tlreg.callbacks entry points
+    callback_args: dict[str, Any] = field(default_factory=dict)  # name -> {arg: value}
 
     def __post_init__(self) -> None:
         # One validation layer for the CLI, YAML and Python: typed parsing, then ranges.
@@ -81,12 +88,19 @@ class TrainConfig:
             object.__setattr__(self, f.name, _parse(f.name, getattr(self, f.name), f.type))
         for name, (low, high, closed) in _RANGES.items():
             _in_range(name, getattr(self, name), low, high, closed)
-        _choice("scheduler", self.scheduler, SCHEDULERS)
+        _choice("scheduler", self.scheduler, tuple(SCHEDULERS))
+        _choice("monitor", self.monitor, tuple(MONITORS))
         _choice("solver", self.solver, SOLVERS)
         _choice("precision", self.precision, PRECISIONS)
         _choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
         _choice("decoded_cache", self.decoded_cache, ("auto", "off", "memory", "disk"))
         check_device(self.device)
+        for name, args in self.callback_args.items():
+            if name not in self.callbacks:
+                raise UsageError(f"callback_args names {name!r}, which is not in callbacks "
+                                 f"({', '.join(self.callbacks) or 'none'})")
+            if not isinstance(args, Mapping):
+                raise UsageError(f"callback_args[{name!r}] must be a mapping of arg: value")
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -149,6 +163,8 @@ _RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "decoded_cache_gb": (0, None, "both"),
     "workers": (0, None, "both"),
     "seed": (0, None, "both"),
+    "min_delta": (0, None, "both"),
+    "early_stopping": (1, None, "both"),
 }
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -194,13 +210,20 @@ def _parse(name: str, value: Any, annotation: Any) -> Any:
             if not isinstance(value, str):
                 raise ValueError
             return value
+        if kind.startswith("list"):  # of names: a list, or one comma-separated string
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+                raise ValueError
+            return list(value)
         if kind.startswith("dict"):
             if not isinstance(value, Mapping):
                 raise ValueError
             return dict(value)
     except (TypeError, ValueError):
         word = {"int": "an integer", "float": "a number", "bool": "true or false",
-                "str": "a string"}.get(kind, "a mapping of key: value")
+                "str": "a string", "list[str]": "a list of names"}.get(kind,
+                                                                   "a mapping of key: value")
         raise UsageError(f"{name} must be {word}, got {value!r}") from None
     return value
 

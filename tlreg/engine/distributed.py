@@ -1,4 +1,4 @@
-"""Several processes, one run: torchrun detection, the process group, sharding and gathering.
+"""Several processes, one run: torchrun detection, the process group and its primitives.
 
 `torchrun --nproc_per_node N -m tlreg train ...` starts N copies of the same command; each finds
 RANK, WORLD_SIZE and LOCAL_RANK in its environment, joins one process group (NCCL on GPUs, gloo
@@ -13,17 +13,18 @@ Three rules keep N processes equal to one process with the same global batch:
 * Augmentation is seeded per sample from (epoch seed, sample index), never from the rank,
   worker or batch that happens to load it (`tlreg.data.images.ImageDataset(per_sample_seed=)`).
 * DDP only syncs the gradients of parameters that required grad when it was built, so the
-  wrapper is rebuilt whenever a freezing policy changes the trainable set (`Replicas`).
+  wrapper is rebuilt whenever a freezing policy changes the trainable set
+  (`tlreg.engine.replicas.Replicas`).
+
+Sharding a pass over the data is tlreg.engine.sharding's.
 
 torch is imported inside functions: the CLI imports this module at start-up.
 """
 
 from __future__ import annotations
 
-import gc
-import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,10 +33,6 @@ from tlreg.errors import TlregError, UsageError
 
 if TYPE_CHECKING:
     import torch
-    from torch import nn
-
-    from tlreg.data.features import FeatureCache
-    from tlreg.data.images import Sample
 
 TIMEOUT_ENV = "TLREG_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800.0  # torch's gloo default; a rank that never arrives fails the job then
@@ -290,180 +287,6 @@ def sum_all(*values: float) -> tuple[float, ...]:
     return tuple(t.cpu().tolist())
 
 
-# -- sharding -----------------------------------------------------------------------------------
-
-
-def sampler(n: int, *, shuffle: bool, seed: int, epoch: int = 0) -> Any:
-    """This rank's DistributedSampler over `n` samples (also for one process: same order).
-
-    Training (`shuffle`): one permutation per (seed, epoch), identical on every rank; rank r
-    takes positions r, r + N, ..., padded to a multiple of N by repeating the first indices.
-    Evaluation: the indices in order, sharded the same way; the padded duplicates are dropped
-    again by `gather_by_index`.
-    """
-    from torch.utils.data.distributed import DistributedSampler
-
-    indices: Any = range(n)  # DistributedSampler only takes len() of its data set
-    s = DistributedSampler(indices, num_replicas=world(), rank=rank(), shuffle=shuffle,
-                           seed=seed, drop_last=False)
-    s.set_epoch(epoch)
-    return s
-
-
-def gather_by_index(indices: torch.Tensor, *columns: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Gather per-sample rows from every rank, one row per sample index, sorted by index.
-
-    DistributedSampler pads each shard with repeats of the first samples; keeping the first
-    row per index means no padded duplicate is ever counted (metrics are exact).
-    """
-    import torch
-
-    idx = torch.cat(all_gather_tensors(indices.reshape(-1)))
-    cols = [torch.cat(all_gather_tensors(c)) for c in columns]
-    order = torch.argsort(idx, stable=True)
-    ordered = idx[order]
-    first = torch.ones_like(ordered, dtype=torch.bool)
-    first[1:] = ordered[1:] != ordered[:-1]
-    keep = order[first]
-    return (idx[keep], *(c[keep] for c in cols))
-
-
-def shard_features(samples: Sequence[Sample],
-                   compute: Callable[[list[int]], tuple[torch.Tensor, list[int]]],
-                   cache: FeatureCache | None, width: int) -> tuple[torch.Tensor, list[int]]:
-    """`tlreg.data.features.cached_features` for N processes: each rank computes 1/N of the misses.
-
-    Rank 0 looks the samples up in the cache and names the missing ones; every rank runs the
-    backbone on its share; the shares are gathered; rank 0 alone writes the new rows to the
-    cache (one writer, so ranks cannot race on the entry) and sends every rank the full,
-    identical feature matrix. Rows follow `samples`, undecodable ones left out.
-    """
-    import torch
-
-    from tlreg.data.features import cached_features
-
-    n_world, me = world(), rank()
-    missing: list[int] | None = None
-    if is_main():
-        missing = cache.lookup([s.path for s in samples])[1] if cache is not None else list(
-            range(len(samples)))
-    missing = broadcast_object(missing)
-    assert missing is not None
-    mine = missing[me::n_world]
-    feats, failed = compute(mine) if mine else (torch.empty(0, width), [])
-    parts = all_gather_tensors(feats.float().cpu())
-    fails = all_gather_object(list(failed))
-    bad = {p for f in fails for p in f}
-    rows: dict[int, torch.Tensor] = {}
-    for r, part in enumerate(parts):
-        failed_r = set(fails[r])
-        ok = [p for p in missing[r::n_world] if p not in failed_r]
-        rows.update(zip(ok, part, strict=True))
-    new_ok = [p for p in missing if p not in bad]
-    new = torch.stack([rows[p] for p in new_ok]) if new_ok else torch.empty(0, width)
-    all_failed = [p for p in missing if p in bad]
-    if cache is None:  # every sample was computed: rows are already in sample order
-        return new, all_failed
-    if is_main():
-        def precomputed(positions: list[int]) -> tuple[torch.Tensor, list[int]]:
-            extra = sorted(set(positions) - set(missing))
-            if extra:  # another job changed the cache between two lookups: compute those too
-                more, more_failed = compute(extra)
-                rows.update(zip([p for p in extra if p not in set(more_failed)], more,
-                                strict=True))
-                bad.update(more_failed)
-            keep = [p for p in positions if p not in bad]
-            return (torch.stack([rows[p] for p in keep]) if keep else torch.empty(0, width),
-                    [p for p in positions if p in bad])
-
-        full, all_failed = cached_features(samples, precomputed, cache)
-        shape = (tuple(full.shape), all_failed)
-    else:
-        full, shape = None, None
-    shape = broadcast_object(shape)
-    assert shape is not None
-    dims, all_failed = shape
-    buf = full if full is not None else torch.empty(dims, dtype=torch.float32)
-    return broadcast_tensor(buf.float().contiguous()), list(all_failed)
-
-
-# -- the model ----------------------------------------------------------------------------------
-
-
-def _trainable(model: nn.Module) -> tuple[str, ...]:
-    return tuple(n for n, p in model.named_parameters() if p.requires_grad)
-
-
-class Replicas:
-    """The DistributedDataParallel wrapper of a model, for its current trainable set.
-
-    DDP registers its gradient hooks and buckets for the parameters that require grad when it
-    is constructed; a parameter unfrozen later would train on its local gradient only and the
-    replicas would drift apart (Lightning #20340). So the trainer freezes first (the policy's
-    plan), then asks for the wrapper; when the plan changed the trainable set, the old wrapper
-    is dropped (its hooks go with it) and a new one is built, which also re-broadcasts rank 0's
-    parameters and buffers.
-    """
-
-    def __init__(self, model: nn.Module, device: torch.device) -> None:
-        self.model = model
-        self.device = device
-        self.wrapped: nn.Module | None = None
-        self.trainable: tuple[str, ...] | None = None
-        self.builds = 0
-
-    def stale(self) -> bool:
-        return self.wrapped is None or _trainable(self.model) != self.trainable
-
-    def module(self) -> nn.Module:
-        """The module to call for training steps this epoch (rebuilt if the set changed)."""
-        if not self.stale():
-            assert self.wrapped is not None
-            return self.wrapped
-        from torch.nn.parallel import DistributedDataParallel
-
-        self.wrapped = None
-        gc.collect()  # the old reducer's autograd hooks leave with it
-        self.trainable = _trainable(self.model)
-        if not self.trainable:  # nothing trains: nothing to synchronise
-            self.wrapped = self.model
-            return self.model
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        self.wrapped = DistributedDataParallel(self.model, device_ids=ids)
-        self.builds += 1
-        return self.wrapped
-
-
-def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> bool:
-    """Swap BatchNorm for SyncBatchNorm (CUDA only); True when any layer was converted."""
-    import torch
-
-    if device.type != "cuda":
-        raise UsageError("--sync-bn needs CUDA: SyncBatchNorm synchronises statistics with "
-                         "NCCL and does not run on the CPU; drop --sync-bn")
-    if world() < 2:
-        return False
-    before = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
-    torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()) > before
-
-
-def replicas_agree(model: nn.Module) -> bool:
-    """True when every rank holds bitwise the same parameters and buffers."""
-    if world() < 2:
-        return True
-    import hashlib
-
-    import torch
-
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    digests = all_gather_object(h.hexdigest())
-    return len(set(digests)) == 1
-
-
 # -- launching ----------------------------------------------------------------------------------
 
 
@@ -498,11 +321,3 @@ def launch(argv: Sequence[str], nproc: int) -> None:
     finally:
         if threads_before is None:
             os.environ.pop("OMP_NUM_THREADS", None)
-
-
-def steps_per_epoch(n: int, batch_size: int, *, features: bool) -> int:
-    """Optimizer steps per epoch: per-rank batches of a shard, or global batches of features."""
-    w = planned_world()
-    if features:
-        return max(1, math.ceil(n / (batch_size * w)))
-    return max(1, math.ceil(math.ceil(n / w) / batch_size))

@@ -22,30 +22,24 @@ Two choices matter for correctness:
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass
 from fnmatch import fnmatch
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR, StepLR
 
 from tlreg.errors import UsageError
 from tlreg.models.transfer import TransferModel
 
 __all__ = [
-    "SCHEDULERS",
     "build_optimizer",
-    "build_scheduler",
     "layer_lrs",
     "lr_plan",
     "optimizer_names",
 ]
 
-Interval = Literal["step", "epoch"]
-SCHEDULERS: tuple[str, ...] = ("step", "cosine", "onecycle", "constant")
 HEAD = "head"
 
 _NORMS: tuple[type[nn.Module], ...] = (
@@ -203,101 +197,6 @@ def layer_lrs(optimizer: Optimizer) -> dict[str, float]:
     for i, g in enumerate(optimizer.param_groups):
         out.setdefault(str(g.get("name", f"group{i}")), float(g["lr"]))
     return out
-
-
-# -- schedulers -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WarmupFactor:
-    """LambdaLR multiplier: linear warmup, then cosine down to `floor` (or constant).
-
-    One multiplier applied to every group's own `initial_lr` keeps the layer ratios exact.
-    Plain data, so `LambdaLR.state_dict()` stores it and a resumed run rebuilds it.
-    """
-
-    warmup_steps: int
-    total_steps: int
-    floor: float = 0.0  # final factor (min_lr / base lr)
-    anneal: bool = True  # False: constant after warmup
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / (self.warmup_steps + 1)
-        if not self.anneal:
-            return 1.0
-        span = max(1, self.total_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
-        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def _base_lr(optimizer: Optimizer) -> float:
-    """The head's rate: `initial_lr / lr_mult` of a tlreg group, else the largest rate."""
-    for g in optimizer.param_groups:
-        if g.get("lr_mult"):
-            return g.get("initial_lr", g["lr"]) / g["lr_mult"]
-    return max(g.get("initial_lr", g["lr"]) for g in optimizer.param_groups)
-
-
-def build_scheduler(optimizer: Optimizer, name: str, *, epochs: int, steps_per_epoch: int,
-                    warmup_epochs: float = 0.0, step_size: int = 7, gamma: float = 0.1,
-                    min_lr: float = 0.0) -> tuple[LRScheduler, Interval]:
-    """A torch scheduler that keeps every group's own rate, and when to call its `.step()`.
-
-    - `step`: `StepLR(step_size, gamma)`, per **epoch** (the classic tutorial schedule).
-    - `cosine`: linear warmup over `warmup_epochs`, then cosine to `min_lr` (the head's
-      final rate; every group ends at the same fraction of its own rate), per optimizer step.
-    - `onecycle`: `OneCycleLR` with each group's rate as its `max_lr`, per optimizer step;
-      `warmup_epochs` sets the rising phase (default 30%), `min_lr` the head's final rate.
-    - `constant`: the groups' rates (after an optional linear warmup, per step).
-
-    Call it once per optimizer, before loading a saved optimizer or scheduler state
-    (OneCycleLR rewrites the groups' `initial_lr`).
-    """
-    key = name.lower()
-    if key not in SCHEDULERS:
-        raise UsageError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
-    if epochs < 1 or steps_per_epoch < 1:
-        raise UsageError(f"epochs and steps_per_epoch must be >= 1, got {epochs} and "
-                         f"{steps_per_epoch}")
-    if warmup_epochs < 0:
-        raise UsageError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
-    total = epochs * steps_per_epoch
-    warmup = round(warmup_epochs * steps_per_epoch)
-    base = _base_lr(optimizer)
-    if not 0 <= min_lr <= base:
-        raise UsageError(f"min_lr must be in [0, lr={base}], got {min_lr}")
-
-    if key == "step":
-        if warmup_epochs:
-            raise UsageError("warmup_epochs works with the cosine, onecycle and constant "
-                             "schedulers, not step")
-        if step_size < 1 or not gamma > 0:
-            raise UsageError(f"step scheduler needs step_size >= 1 and gamma > 0, got "
-                             f"{step_size} and {gamma}")
-        return StepLR(optimizer, step_size=step_size, gamma=gamma), "epoch"
-    if key in ("cosine", "constant") and warmup >= total and warmup:
-        raise UsageError(f"warmup ({warmup_epochs} epochs) must be shorter than the run "
-                         f"({epochs} epochs)")
-    if key == "cosine":
-        factor = WarmupFactor(warmup, total, floor=min_lr / base)
-        return LambdaLR(optimizer, factor), "step"
-    if key == "constant":
-        return LambdaLR(optimizer, WarmupFactor(warmup, total, anneal=False)), (
-            "step" if warmup else "epoch")
-    # onecycle
-    pct_start = warmup_epochs / epochs if warmup_epochs else 0.3
-    if not 0 < pct_start < 1:
-        raise UsageError(f"onecycle: warmup_epochs must be less than epochs ({epochs}), "
-                         f"got {warmup_epochs}")
-    div_factor = 25.0
-    final_div = base / (min_lr * div_factor) if min_lr > 0 else 1e4
-    defaults = optimizer.defaults
-    cycle_momentum = "betas" in defaults or defaults.get("momentum", 0) > 0
-    max_lr = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
-    return OneCycleLR(optimizer, max_lr=max_lr, total_steps=total, pct_start=pct_start,
-                      div_factor=div_factor, final_div_factor=final_div,
-                      cycle_momentum=cycle_momentum), "step"
 
 
 # -- the lr-plan table ----------------------------------------------------------------------

@@ -172,20 +172,20 @@ class TransferModel(nn.Module):
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> Any:
         """Write the head-only artifact folder (see docs/format.md)."""
-        from tlreg.sharing.artifact import save_artifact
+        from tlreg.sharing.save import save_artifact
 
         return save_artifact(self, save_directory, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
         """Push the artifact to the Hub as one commit."""
-        from tlreg.sharing.hub import push_model
+        from tlreg.sharing.api import push_model
 
         return push_model(self, repo_id, **kwargs)
 
     @classmethod
     def from_pretrained(cls, source: str, **kwargs: Any) -> TransferModel:
         """Load an artifact from a local folder, a run directory or a Hub id (`hf:` forces it)."""
-        from tlreg.sharing.artifact import load_artifact
+        from tlreg.sharing.api import load_artifact
 
         return load_artifact(source, **kwargs)
 

@@ -1,17 +1,7 @@
-"""Run directories and checkpoints, written atomically.
+"""A run's model and training state: model.json, rebuilding a run's model, the `last` codec.
 
-A checkpoint is a directory holding `model.safetensors` (the TransferModel state dict),
-optionally `frozen.safetensors` (tensors that cannot change during the run, such as a backbone
-that stays frozen: a hard link to one file written once per run, so an epoch does not rewrite
-them; `model.safetensors` then holds the rest), optionally `train_state.safetensors` (optimizer
-and RNG tensors) and `state.json` (everything else). It is written beside its final place and
-swapped in with renames, so a reader never sees a half-written pair: after a crash, either the
-old or the new checkpoint is there whole. Each checkpoint directory is complete on its own.
-
-Run directory layout::
-
-    RUN/config.yaml  run.json  model.json  history.json  summary.json  training.png
-    RUN/checkpoints/best/   RUN/checkpoints/last/
+Checkpoint folders themselves (written aside and swapped in whole) are tlreg._io's; the run
+folder's life is tlreg.runs.rundir's.
 """
 
 from __future__ import annotations
@@ -21,13 +11,21 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tlreg._io import MODEL_JSON, atomic_write_json, read_checkpoint, read_json
+from tlreg._io import (
+    MODEL_JSON,
+    atomic_write_json,
+    checkpoint_dir,
+    read_checkpoint,
+    read_json,
+    save_checkpoint,
+)
 from tlreg.errors import UsageError
 
 if TYPE_CHECKING:
     from torch import Tensor
 
     from tlreg.models.transfer import ModelInfo, TransferModel
+
 
 def _tuples(d: Mapping[str, Any]) -> dict[str, Any]:
     """JSON gives lists; timm's data configs use tuples."""
@@ -89,3 +87,73 @@ def load_run_model(run_dir: Path, checkpoint: str = "best") -> TransferModel:
     model.load_state_dict(tensors, strict=True)
     model.eval()
     return model
+
+
+# -- the training state of `checkpoints/last`: what --resume restores bitwise ----------------
+
+
+def save_train_state(path: Path, model_tensors: Mapping[str, Tensor], frozen: Path | None,
+                     optimizer: Any, scheduler: Any, state: Mapping[str, Any]) -> None:
+    """A `last` checkpoint: model, optimizer (tensors apart), scheduler, every RNG, `state`."""
+    import random
+
+    import numpy as np
+    import torch
+
+    opt = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    opt_state: dict[str, dict[str, Any]] = {}
+    for pid, st in opt["state"].items():
+        opt_state[str(pid)] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{pid}.{k}"] = v
+            else:
+                opt_state[str(pid)][k] = v
+    np_state = np.random.get_state()
+    full = {
+        **dict(state),
+        "optimizer": {"param_groups": opt["param_groups"], "state": opt_state},
+        "scheduler": scheduler.state_dict(),
+        "rng": {"python": random.getstate(),
+                "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
+    }
+    save_checkpoint(path, model_tensors, full, train_state=tensors, frozen=frozen)
+
+
+def load_train_state(path: Path, model: Any, optimizer: Any, scheduler: Any,
+                     device: Any, run_dir: Path) -> dict[str, Any]:
+    """Restore what `save_train_state` wrote into the live objects; returns its JSON state."""
+    import random
+
+    import numpy as np
+    import torch
+
+    if checkpoint_dir(path) is None:
+        raise UsageError(f"cannot resume {run_dir}: no completed epoch was saved; "
+                         "start it again")
+    model_state, state, tensors = read_checkpoint(path)
+    bad = [k for k, t in TRAIN_STATE_SCHEMA.items() if not isinstance(state.get(k), t)]
+    if bad or not tensors or "rng.torch" not in tensors:
+        raise UsageError(f"cannot resume {run_dir}: its last checkpoint is damaged "
+                         f"({', '.join(bad) or 'no training state'}); start a new run")
+    model.load_state_dict(model_state, strict=True)
+    opt_state: dict[int, dict[str, Any]] = {
+        int(pid): dict(st) for pid, st in state["optimizer"]["state"].items()}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            opt_state.setdefault(int(pid), {})[name] = value.to(device)
+    optimizer.load_state_dict({"state": opt_state,
+                               "param_groups": state["optimizer"]["param_groups"]})
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    py = state["rng"]["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = state["rng"]["numpy"]
+    np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
+    return state

@@ -1,11 +1,12 @@
-"""Push, pull and inspect artifacts on the Hugging Face Hub, all through `huggingface_hub`.
+"""The Hub transport: push a folder, pull a repo, map every Hub failure to one error line.
 
-The endpoint and token are `huggingface_hub`'s own (`HF_ENDPOINT`, `HF_TOKEN`, the stored login),
-overridable per call. A push is one commit holding every file, so a failed push leaves nothing
-half-committed and can simply be retried. A pull lists the repo first (a repo with pickles is
-refused before anything is downloaded), then downloads into the `huggingface_hub` cache, whose
-files only appear once complete, so an interrupted download never leaves a corrupt artifact.
-Every Hub failure becomes one `HubError` line with its own exit code.
+Everything goes through `huggingface_hub`, with its own endpoint and token (`HF_ENDPOINT`,
+`HF_TOKEN`, the stored login), overridable per call. A push is one commit holding every file,
+so a failed push leaves nothing half-committed and can simply be retried. A pull lists the repo
+first (a repo with pickles is refused before anything is downloaded), then downloads into the
+`huggingface_hub` cache, whose files only appear once complete, so an interrupted download never
+leaves a corrupt artifact. Every Hub failure becomes one `HubError` line with its own exit code.
+What is pushed (a model, a run, a folder) is decided above, in `tlreg.sharing.api`.
 """
 
 from __future__ import annotations
@@ -13,117 +14,80 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tlreg.errors import TlregError, UsageError
-from tlreg.sharing.artifact import (
+from tlreg.errors import (
+    ArtifactError,
+    HubAuthError,
+    HubConnectionError,
+    HubError,
+    HubNotFoundError,
+    TlregError,
+    UnsafeUploadError,
+    UsageError,
+)
+from tlreg.sharing.format import (
     ARTIFACT_FILES,
     CARD_FILE,
     CONFIG_FILE,
-    PICKLE_SUFFIXES,
     REPO_ID_PLACEHOLDER,
-    ArtifactError,
     check_no_pickles,
-    check_revision,
-    file_sha256,
-    parse_source,
     read_config,
-    split_revision,
     verify_files,
-    write_folder_atomically,
 )
+from tlreg.sharing.load import load_artifact_dir
+from tlreg.sharing.save import write_folder_atomically
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
 
-    from tlreg.models.transfer import TransferModel
+
+# -- repo ids and revisions ---------------------------------------------------------------------
 
 
-class HubError(TlregError):
-    """The Hub refused or failed a request."""
+def split_revision(repo: str) -> tuple[str, str | None]:
+    """'user/name@rev' -> ('user/name', 'rev'); the id by huggingface_hub's own rule, the
+    revision by git's ref rules (it names a file in the cache's refs/ folder)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    exit_code = 1
-
-
-class HubAuthError(HubError):
-    """401/403: no token, a rejected token, or one without access."""
-
-    exit_code = 3
-
-
-class HubNotFoundError(HubError):
-    """404: the repo, the revision or a file does not exist (or is private)."""
-
-    exit_code = 4
-
-
-class HubConnectionError(HubError):
-    """The Hub could not be reached (network down, offline mode) and nothing usable is cached."""
-
-    exit_code = 5
+    repo_id, sep, rev = repo.partition("@")
+    try:
+        if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo_id) or (sep and not rev):
+            raise HFValidationError("expected 'user/name' or 'user/name@rev'")
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise UsageError(f"invalid Hub repo id {repo!r}: {exc}") from None
+    if rev:
+        check_revision(rev)
+    return repo_id, rev or None
 
 
-class UnsafeUploadError(ArtifactError):
-    """The artifact would publish a token or a local path."""
+def check_revision(rev: str) -> str:
+    """A branch, tag or commit name that is safe as a path under refs/ (git's ref rules)."""
+    parts = rev.split("/")
+    if (len(rev) > 255 or not rev.strip() or rev != rev.strip() or ".." in rev
+            or "\\" in rev or any(ord(c) < 32 or c in " ~^:?*[" for c in rev)
+            or any(not p or p.startswith(".") or p.endswith(".lock") for p in parts)
+            or rev.endswith(".") or "@{" in rev):
+        raise UsageError(f"invalid revision {rev!r}: expected a branch, tag or commit name")
+    return rev
 
 
 # -- push ---------------------------------------------------------------------------------------
 
 
-def push_model(model_or_artifact_dir: TransferModel | str | os.PathLike[str], repo_id: str, *,
-               private: bool = False, revision: str | None = None, message: str | None = None,
-               token: str | None = None, endpoint: str | None = None, checkpoint: str = "best",
-               **save_kwargs: Any) -> str:
-    """Push a model, an artifact folder or a run directory as one commit; returns its URL.
+def push_folder(folder: Path, repo_id: str, *, private: bool = False, revision: str = "main",
+                message: str | None = None, token: str | None = None,
+                endpoint: str | None = None) -> str:
+    """Push a verified artifact folder as one commit on `revision`; returns the commit URL.
 
-    The repo is created if needed (`private` only applies then); `revision` is a branch,
-    created from main if missing. Files a previous push left that the new artifact lacks
-    (an old backbone delta, say) are deleted in the same commit.
+    Files a previous push left that the new artifact lacks (an old backbone delta, say) are
+    deleted in the same commit, which is made on top of the revision just read.
     """
-    split_revision(repo_id)  # checks its shape
-    if revision is not None:
-        check_revision(revision)
-    if "@" in repo_id:
-        raise UsageError(f"push takes a plain repo id, not {repo_id!r}; use --revision BRANCH")
-    with tempfile.TemporaryDirectory(prefix="tlreg-push-") as tmp:
-        folder = _artifact_folder(model_or_artifact_dir, Path(tmp) / "artifact", checkpoint,
-                                  save_kwargs)
-        return _push_folder(folder, repo_id, private=private, revision=revision or "main",
-                            message=message, token=token, endpoint=endpoint)
-
-
-def push_run(run_dir: str | os.PathLike[str], repo_id: str, checkpoint: str = "best",
-             **kwargs: Any) -> str:
-    """Export a run's `best` (or `last`) checkpoint and push it; see `push_model`."""
-    from tlreg._io import MODEL_JSON
-
-    if not (Path(run_dir) / MODEL_JSON).is_file():
-        raise UsageError(f"{run_dir} is not a tlreg run directory (no {MODEL_JSON})")
-    return push_model(Path(run_dir), repo_id, checkpoint=checkpoint, **kwargs)
-
-
-def _artifact_folder(obj: Any, tmp: Path, checkpoint: str, save_kwargs: Mapping[str, Any]) -> Path:
-    from tlreg.sharing.artifact import export_run, save_artifact
-
-    if not isinstance(obj, str | os.PathLike):
-        return save_artifact(obj, tmp, **save_kwargs)
-    kind, path, _ = parse_source(obj)
-    if kind == "hub" or not Path(path).is_dir():
-        raise UsageError(f"{os.fspath(obj)} is not a local artifact folder or run directory")
-    if kind == "run":
-        return export_run(path, tmp, checkpoint, **save_kwargs)
-    if save_kwargs:
-        raise UsageError(f"{', '.join(save_kwargs)} only apply when pushing a model or a run")
-    return Path(path)
-
-
-def _push_folder(folder: Path, repo_id: str, *, private: bool, revision: str,
-                 message: str | None, token: str | None, endpoint: str | None) -> str:
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
     check_no_pickles([p.name for p in folder.iterdir()], str(folder))
@@ -135,7 +99,7 @@ def _push_folder(folder: Path, repo_id: str, *, private: bool, revision: str,
         payload[CARD_FILE] = payload[CARD_FILE].replace(REPO_ID_PLACEHOLDER.encode(),
                                                         repo_id.encode())
     check_publishable(payload, folder, token)
-    api = _api(endpoint, token)
+    api = hf_api(endpoint, token)
     summary = message or (f"Upload tlreg artifact ({config['backbone']['name']}, "
                           f"{config['head']['name']} head, {config['num_classes']} classes)")
     with hub_errors(repo_id, revision, api.endpoint, token=token, writing=True):
@@ -219,8 +183,6 @@ def pull(repo_id: str, revision: str | None = None, dir: str | os.PathLike[str] 
     config = read_config(folder)
     verify_files(folder, config)
     if verify:
-        from tlreg.sharing.artifact import load_artifact_dir
-
         load_artifact_dir(folder, allow_backbone_mismatch=allow_backbone_mismatch)
     if dir is None:
         return folder
@@ -242,7 +204,7 @@ def _download(repo_id: str, revision: str, token: str | None, endpoint: str | No
               cache_dir: str | os.PathLike[str] | None) -> Path:
     from huggingface_hub import snapshot_download
 
-    api = _api(endpoint, token)
+    api = hf_api(endpoint, token)
     where = f"{repo_id}@{revision}"
     try:
         with hub_errors(repo_id, revision, api.endpoint, token=token):
@@ -293,107 +255,11 @@ def _cached_snapshot(repo_id: str, revision: str, token: str | None,
     return path if (path / CONFIG_FILE).is_file() else None
 
 
-# -- inspect ------------------------------------------------------------------------------------
+# -- the client and its errors -------------------------------------------------------------------
 
 
-def inspect(source: str | os.PathLike[str], *, revision: str | None = None,
-            token: str | None = None, endpoint: str | None = None) -> dict[str, Any]:
-    """What an artifact holds: config, files (size, SHA-256, verified), card metadata.
-
-    A Hub source downloads only config.json and README.md; weight files are checked against
-    the SHA-256 the Hub reports for them.
-    """
-    kind, value, rev = parse_source(source)
-    if kind == "run":
-        return _inspect_run(Path(value))
-    if kind == "artifact":
-        folder = Path(value)
-        config = read_config(folder)
-        files = [_file_row(n, (folder / n).stat().st_size, file_sha256(folder / n), config)
-                 for n in sorted(p.name for p in folder.iterdir() if p.is_file())]
-        return {"source": str(folder), "kind": "artifact", "config": config, "files": files,
-                "total_size": sum(f["size"] for f in files), "card": _card(folder / CARD_FILE),
-                "unsafe_files": [f["name"] for f in files
-                                 if f["name"].lower().endswith(PICKLE_SUFFIXES)]}
-    return _inspect_hub(value, revision or rev or "main", token, endpoint)
-
-
-def _inspect_hub(repo_id: str, revision: str, token: str | None,
-                 endpoint: str | None) -> dict[str, Any]:
-    from huggingface_hub import hf_hub_download
-
-    api = _api(endpoint, token)
-    with hub_errors(repo_id, revision, api.endpoint, token=token):
-        info = api.repo_info(repo_id, revision=revision, files_metadata=True, repo_type="model")
-        names = [s.rfilename for s in info.siblings or []]
-        if CONFIG_FILE not in names:
-            raise ArtifactError(f"{repo_id}@{revision} is not a tlreg artifact: it has no "
-                                f"{CONFIG_FILE}")
-        local = {n: Path(hf_hub_download(repo_id, n, revision=info.sha, token=token,
-                                         endpoint=api.endpoint))
-                 for n in (CONFIG_FILE, CARD_FILE) if n in names}
-        config = read_config(local[CONFIG_FILE].parent)
-        # Small files kept in git (not LFS) have no SHA-256 on the Hub: fetch them to check.
-        for s in info.siblings or []:
-            if s.lfs is None and s.rfilename in config["files"] and (s.size or 0) <= 1 << 20:
-                local[s.rfilename] = Path(hf_hub_download(
-                    repo_id, s.rfilename, revision=info.sha, token=token, endpoint=api.endpoint))
-    files = []
-    for s in sorted(info.siblings or [], key=lambda s: s.rfilename):
-        sha = s.lfs.sha256 if s.lfs is not None else None
-        if sha is None and s.rfilename in local:
-            sha = file_sha256(local[s.rfilename])
-        files.append(_file_row(s.rfilename, s.size, sha, config))
-    return {"source": f"{repo_id}@{revision}", "kind": "hub", "repo_id": repo_id,
-            "revision": revision, "commit": info.sha, "private": info.private,
-            "config": config, "files": files, "total_size": sum(f["size"] or 0 for f in files),
-            "card": _card(local[CARD_FILE]) if CARD_FILE in local else {},
-            "unsafe_files": [n for n in names if n.lower().endswith(PICKLE_SUFFIXES)]}
-
-
-def _file_row(name: str, size: int | None, sha256: str | None,
-              config: Mapping[str, Any]) -> dict[str, Any]:
-    recorded = (config["files"].get(name) or {}).get("sha256") if name in config["files"] else None
-    status = ("ok" if sha256 == recorded else "MISMATCH") if recorded else "not recorded"
-    if recorded and sha256 is None:
-        status = "unknown"
-    return {"name": name, "size": size, "sha256": sha256, "recorded_sha256": recorded,
-            "status": status}
-
-
-def _card(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    from huggingface_hub import ModelCard
-
-    try:
-        return ModelCard.load(path).data.to_dict()
-    except Exception:  # a hand-edited card with broken YAML is not worth failing inspect
-        return {}
-
-
-def _inspect_run(run_dir: Path) -> dict[str, Any]:
-    import json
-
-    from tlreg._io import MODEL_JSON, checkpoint_dir
-    from tlreg.sharing.artifact import run_metrics
-
-    meta = json.loads((run_dir / MODEL_JSON).read_text(encoding="utf-8"))
-    checkpoints = {}
-    for name in ("best", "last"):
-        found = checkpoint_dir(run_dir / "checkpoints" / name)
-        if found is not None:
-            checkpoints[name] = {p.name: p.stat().st_size for p in sorted(found.iterdir())}
-    return {"source": str(run_dir), "kind": "run", "info": meta.get("info"),
-            "data_config": meta.get("data_config"),
-            "pretrained_sha256": meta.get("pretrained_sha256"),
-            "metrics": run_metrics(run_dir), "checkpoints": checkpoints}
-
-
-# -- errors -------------------------------------------------------------------------------------
-
-
-def _api(endpoint: str | None, token: str | None) -> HfApi:
+def hf_api(endpoint: str | None, token: str | None) -> HfApi:
+    """A client that names tlreg (and its version) in its user agent."""
     from huggingface_hub import HfApi
 
     return HfApi(endpoint=endpoint, token=token, library_name="tlreg",

@@ -1,0 +1,105 @@
+"""The two feeds of the training loop: cached features (the head alone trains) and images."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from tlreg.engine import distributed, replicas
+
+if TYPE_CHECKING:
+    import torch
+
+    from tlreg.data.sources import DataSplit
+    from tlreg.engine.inputs import Inputs
+    from tlreg.models.transfer import TransferModel
+
+
+class FeatureFeed:
+    """Pooled features computed once: every rank holds all of them and trains the same head
+    on global batches, so nothing is sharded and no gradient is reduced."""
+
+    sharded = False
+
+    def __init__(self, head: torch.nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
+                 x_val: torch.Tensor, y_val: torch.Tensor, *, global_batch: int,
+                 label_smoothing: float) -> None:
+        self.head, self.global_batch, self.smoothing = head, global_batch, label_smoothing
+        self.x_train, self.y_train, self.x_val, self.y_val = x_train, y_train, x_val, y_val
+
+    def forward(self, epoch: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        return self.head
+
+    def train_mode(self) -> None:
+        self.head.train()
+
+    def train_batches(self, epoch: int, seed: int) -> tuple[int, Iterator[Any]]:
+        import torch
+
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self.x_train), generator=gen).to(self.x_train.device)
+        step = self.global_batch
+
+        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for i in range(0, len(order), step):
+                idx = order[i:i + step]
+                yield self.x_train[idx], self.y_train[idx]
+
+        return -(-len(order) // step), batches()
+
+    def evaluate(self) -> tuple[float, list[int], list[int]]:
+        import torch
+
+        loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=self.smoothing)
+        self.head.eval()
+        with torch.inference_mode():
+            logits = self.head(self.x_val)
+            loss = loss_fn(logits, self.y_val).item() if len(self.y_val) else float("nan")
+            return loss, self.y_val.tolist(), logits.argmax(1).tolist()
+
+
+class ImageFeed:
+    """Image batches through the whole model: this rank's shard, augmented, on the device."""
+
+    sharded = True
+
+    def __init__(self, model: TransferModel, inputs: Inputs, data: DataSplit, *,
+                 compile: bool, label_smoothing: float) -> None:
+        self.model, self.inputs, self.data = model, inputs, data
+        self.compile, self.smoothing = compile, label_smoothing
+        self.replicas = (replicas.Replicas(model, inputs.runtime.device)
+                         if distributed.world() > 1 else None)
+        self._forward: Any = self._compiled(model) if compile else model
+
+    @staticmethod
+    def _compiled(module: Any) -> Any:
+        """torch.compile (opt-in): lazy, so its cost lands in the steps that trigger it."""
+        import torch
+
+        return torch.compile(module)
+
+    def forward(self, epoch: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        if self.replicas is not None and self.replicas.stale():
+            # Freeze first, then wrap: DDP syncs only what trained when it was built.
+            self._forward = self.model  # drop the old wrapper (and its gradient hooks) first
+            self._forward = self.replicas.module()
+            if self.compile:
+                self._forward = self._compiled(self._forward)
+        return self._forward
+
+    def train_mode(self) -> None:
+        self.model.train()
+
+    def train_batches(self, epoch: int, seed: int) -> tuple[int, Iterator[Any]]:
+        rt = self.inputs.runtime
+        total, batches = self.inputs.batches(self.data.train, train=True, seed=seed,
+                                             epoch=epoch)
+
+        def on_device() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for images, labels, _ in batches:
+                yield rt.to_device(images), labels.to(rt.device, non_blocking=True)
+
+        return total, on_device()
+
+    def evaluate(self) -> tuple[float, list[int], list[int]]:
+        return self.inputs.evaluate(self.model, self.data.val, self.smoothing)

@@ -1,0 +1,160 @@
+"""What a run writes about itself: how it started (run.json), its checkpoints, how it ended."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tlreg._io import atomic_write_json, atomic_write_text, save_tensors
+from tlreg.engine import distributed, replicas
+from tlreg.runs import rundir
+
+if TYPE_CHECKING:
+    import torch
+
+    from tlreg.data.sources import DataSplit
+    from tlreg.engine.trainer import Trainer
+
+
+def write_start(t: Trainer, data: DataSplit) -> None:
+    """config.yaml, model.json and run.json of a new run (rank 0 writes every file)."""
+    import timm
+    import torch
+
+    from tlreg import __version__
+    from tlreg.models.backbones import weights_sha256
+    from tlreg.runs.checkpoint import write_model_json
+
+    if not distributed.is_main():  # rank 0 writes every file of the run
+        return
+    t.run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(t.run_dir / "config.yaml", t.config.to_yaml())
+    if t.config.pretrained:
+        t.pretrained_sha256 = weights_sha256(t.model.backbone.state_dict())
+    write_model_json(t.run_dir, t.model, {"pretrained_sha256": t.pretrained_sha256})
+    atomic_write_json(t.run_dir / "run.json", {
+        "tlreg": __version__, "torch": torch.__version__, "timm": timm.__version__,
+        "python": sys.version.split()[0], "command": sys.argv, "seed": t.config.seed,
+        "device": str(t.device), "threads": torch.get_num_threads(),
+        "workers": t.config.workers, "train_images": len(data.train),
+        "val_images": len(data.val), "classes": list(data.classes),
+        "feature_cache": t.use_features,
+        "world_size": t.world, "global_batch_size": t.global_batch,
+        "backend": distributed.backend(), "lr_scaling": t.config.lr_scaling,
+        "lr_scale": t.lr_scale,
+        **choices(t),  # what auto, LP-FT and the defaults chose: kept for --resume
+        "fingerprint": t.fingerprint(data),
+    })
+
+
+def write_summary(t: Trainer, data: DataSplit, wall: float, status: str) -> dict[str, Any]:
+    """summary.json and training.png: how the run ended and what it chose."""
+    last = t.history[-1] if t.history else {}
+    summary = {
+        "status": status,
+        "val_accuracy": last.get("val_accuracy"),
+        "best_val_accuracy": t.best_row().get("val_accuracy"),
+        "best_epoch": t.best_epoch,
+        "monitor": t.monitor.name, "best_score": t.best_score,
+        "stopped_early": t.stop_reason is not None, "stop_reason": t.stop_reason,
+        "epochs": len(t.history),
+        "train_images": len(data.train), "val_images": len(data.val),
+        "skipped_files": len(t.inputs.skipped), "skipped": sorted(t.inputs.skipped),
+        "feature_cache": t.use_features,
+        "feature_seconds": t.feature_seconds,
+        "wall_seconds": wall,
+    }
+    summary.update(choices(t))
+    if t.config.compile:
+        summary["compile_seconds"] = sum(h.get("compile_seconds", 0.0) for h in t.history)
+    if t.world > 1:
+        summary["world_size"] = t.world
+        if status == "completed":  # frozen and trained weights alike, bitwise
+            summary["replicas_identical"] = replicas.replicas_agree(t.model)
+    if distributed.is_main():
+        atomic_write_json(t.run_dir / "summary.json", summary)
+        if t.history:
+            from tlreg.runs.plots import plot_history
+
+            plot_history(t.history, t.run_dir / "training.png")
+    if status == "completed":
+        distributed.barrier()
+    return summary
+
+
+def choices(t: Trainer) -> dict[str, Any]:
+    """What the run chose for the user: the CV fit, the probe, auto's decision, defaults.
+
+    A resumed run made its choices before the interruption; run.json kept them.
+    """
+    if t.resume:
+        run = rundir.read_run_json(t.run_dir)
+        kept = {k: run[k] for k in ("linear_probe", "policy_auto", "finetune_defaults",
+                                    "augment")
+                if k in run}
+        return kept | ({"head_fit": t.head_fit.record()} if t.head_fit else {})
+    out: dict[str, Any] = {}
+    if t.head_fit is not None:
+        out["head_fit"] = t.head_fit.record()
+    if t.lp_fit is not None:
+        out["linear_probe"] = t.lp_fit.record()
+    if t.decision is not None:
+        out["policy_auto"] = t.decision.record()
+    if t.defaults_rule is not None:
+        out["finetune_defaults"] = t.defaults_rule
+    if t.augment is not None:
+        out["augment"] = t.augment.record()
+    return out
+
+
+def save_last(t: Trainer, epoch: int) -> None:
+    """checkpoints/last: model, optimizer, scheduler, RNGs, history and callback states."""
+    from tlreg.runs.checkpoint import save_train_state
+
+    model_tensors, frozen = checkpoint_tensors(t)
+    save_train_state(t.run_dir / "checkpoints" / "last", model_tensors, frozen,
+                     t.optimizer, t.scheduler, {
+                         "epoch": epoch + 1, "history": t.history,
+                         "best_val_accuracy": t.best_row().get("val_accuracy", -1.0),
+                         "best_score": t.best_score, "best_epoch": t.best_epoch,
+                         "skipped": sorted(t.inputs.skipped),
+                         "wall_seconds": sum(h["seconds"] for h in t.history),
+                         "callbacks": t.callbacks.state_dict(),
+                         "stop_reason": t.stop_reason})
+
+
+def checkpoint_tensors(t: Trainer) -> tuple[dict[str, torch.Tensor], Path | None]:
+    """The model tensors a checkpoint writes, and the run's frozen-weights file if any.
+
+    A backbone frozen for the whole run (the feature-cache path) is written once, to
+    checkpoints/frozen.safetensors, and hard-linked into each checkpoint instead of being
+    rewritten every epoch (44 MB per epoch for a ResNet-18).
+    """
+    state = t.model.state_dict()
+    if not t.use_features:
+        return state, None
+    path = t.run_dir / "checkpoints" / "frozen.safetensors"
+    if not path.is_file():  # written once; a resumed run finds it
+        save_tensors(path, {k: v for k, v in state.items() if k.startswith("backbone.")})
+    return {k: v for k, v in state.items() if not k.startswith("backbone.")}, path
+
+
+def load_last(t: Trainer) -> None:
+    """Continue where checkpoints/last left off (--resume)."""
+    from tlreg.runs.checkpoint import load_train_state
+
+    state = load_train_state(t.run_dir / "checkpoints" / "last", t.model,
+                             t.optimizer, t.scheduler, t.device, t.run_dir)
+    t.start_epoch = state["epoch"]
+    t.history = state["history"]
+    t.best_score = state.get("best_score", state["best_val_accuracy"])
+    t.best_epoch = state.get("best_epoch") or (
+        max(range(len(t.history)), key=lambda i: t.history[i]["val_accuracy"]) + 1
+        if t.history else None)
+    t.inputs.skipped = set(state["skipped"])
+    t._previous_wall = state.get("wall_seconds", 0.0)
+    t.callbacks.load_state_dict(state.get("callbacks") or {})
+    t.stop_reason = state.get("stop_reason")
+    if t.start_epoch >= t.config.epochs or t.stop_reason:
+        t.say(f"{t.run_dir} already finished {t.start_epoch} epochs")
