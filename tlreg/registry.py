@@ -94,7 +94,7 @@ def clear_cache() -> None:
     importlib.invalidate_caches()
 
 
-def _suggest(name: str, choices: list[str]) -> str:
+def suggest(name: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
     return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
@@ -107,7 +107,7 @@ def find(kind: str, name: str) -> Plugin:
         plugins = [p for p in plugins if p.dist == normalize_dist(dist)]
     if not plugins:
         known = sorted({p.name for p in find_plugins(kind)})
-        hint = _suggest(bare, known)
+        hint = suggest(bare, known)
         if kind == "backbone" and not hint:
             hint = f"; raw timm models are named '{TIMM_PREFIX}<name>', e.g. '{TIMM_PREFIX}{bare}'"
         where = f" in package {dist!r}" if sep else ""

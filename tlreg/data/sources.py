@@ -38,7 +38,7 @@ from pathlib import Path
 
 from tlreg.errors import PluginError, UnknownNameError
 from tlreg.plugins import find_plugins, normalize_dist
-from tlreg.registry import _suggest, find, load
+from tlreg.registry import find, load, suggest
 
 #: The source a plain path goes to, qualified so another package's `folder` cannot shadow it.
 FOLDER = "tlreg:folder"
@@ -94,5 +94,5 @@ def resolve(location: str | os.PathLike[str]) -> tuple[str, str]:
     known = sorted({p.name for p in plugins})
     raise UnknownNameError(
         f"unknown data source {head!r} in {location!r} (not an existing path either)"
-        f"{_suggest(head, known) or '.'} Registered sources: {', '.join(known) or 'none'}; "
+        f"{suggest(head, known) or '.'} Registered sources: {', '.join(known) or 'none'}; "
         "a class folder needs no prefix")

@@ -31,11 +31,11 @@ def timm_spec(arch: str) -> BackboneSpec:
     """A spec for any raw timm model, `name` or `name.tag` (the `timm:` namespace)."""
     from tlreg.errors import UnknownNameError
     from tlreg.models import _timm
-    from tlreg.registry import _suggest
+    from tlreg.registry import suggest
 
     name, _, tag = arch.partition(".")
     if not _timm.is_model(name):
-        hint = _suggest(name, _timm.list_models(f"{name[:3]}*"))
+        hint = suggest(name, _timm.list_models(f"{name[:3]}*"))
         raise UnknownNameError(f"unknown timm model {name!r}{hint}")
     return BackboneSpec(timm_name=name, tag=tag or None, summary="raw timm model")
 
