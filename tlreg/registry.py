@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import cache
 from typing import Any
 
@@ -125,6 +125,21 @@ def find(kind: str, name: str) -> Plugin:
 def get(kind: str, name: str) -> Any:
     """The registered object for `name`; raises PluginError naming the package if it is broken."""
     return load(find(kind, name))
+
+
+def build(kind: str, name: str, args: Mapping[str, Any] | None, expect: type,
+          what: str) -> Any:
+    """`get(kind, name)(**args)`, checked: bad arguments are the user's, a wrong type the
+    plugin's (named with its package)."""
+    factory = get(kind, name)
+    try:
+        obj = factory(**dict(args or {}))
+    except TypeError as exc:
+        raise UsageError(f"{kind} {name!r}: bad arguments {dict(args or {})}: {exc}") from exc
+    if not isinstance(obj, expect):
+        raise PluginError(f"{kind} {name!r} from package {find(kind, name).dist} returned "
+                          f"{type(obj).__name__}, not {what}")
+    return obj
 
 
 def get_head(name: str) -> Any:

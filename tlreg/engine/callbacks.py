@@ -128,17 +128,9 @@ class EarlyStopping(Callback):
 
 def build_callback(name: str, args: Mapping[str, Any] | None = None) -> Callback:
     """The callback registered as `name` (tlreg.callbacks entry points), built with `args`."""
-    from tlreg.registry import get
+    from tlreg.registry import build
 
-    factory = get("callback", name)
-    try:
-        callback = factory(**dict(args or {}))
-    except TypeError as exc:
-        raise UsageError(f"callback {name!r}: {exc}") from None
-    if not isinstance(callback, Callback):
-        raise UsageError(f"callback {name!r} gave {type(callback).__name__}, not a "
-                         "tlreg.engine.callbacks.Callback")
-    return callback
+    return build("callback", name, args, Callback, "a tlreg.engine.callbacks.Callback")
 
 
 class Callbacks:

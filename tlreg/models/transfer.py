@@ -19,7 +19,7 @@ from tlreg.errors import PluginError, UsageError
 from tlreg.models import _timm
 from tlreg.models.backbones import BackboneSpec, build_backbone, get_backbone
 from tlreg.models.policies import FreezePlan, Policy
-from tlreg.registry import TIMM_PREFIX, find, get_head, get_policy
+from tlreg.registry import TIMM_PREFIX, build, find, get_head
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -197,15 +197,7 @@ class TransferModel(nn.Module):
 
 
 def resolve_policy(name: str, args: Mapping[str, Any] | None = None) -> Policy:
-    factory = get_policy(name)
-    try:
-        policy = factory(**dict(args or {}))
-    except TypeError as exc:
-        raise UsageError(f"policy {name!r}: bad arguments {dict(args or {})}: {exc}") from exc
-    if not isinstance(policy, Policy):
-        raise PluginError(f"policy {name!r} from package {find('policy', name).dist} returned "
-                          f"{type(policy).__name__}, not a Policy")
-    return policy
+    return build("policy", name, args, Policy, "a Policy")
 
 
 def build_head(name: str, in_features: int, num_classes: int,
