@@ -576,7 +576,7 @@ def test_a_damaged_header_with_a_matching_checksum_is_an_artifact_error(
 @pytest.mark.parametrize("source", ["a/..", "user/na--me", "user/name@../../etc",
                                     "user/name@a b", "user/name@.hidden/x"])
 def test_unsafe_repo_ids_and_revisions_are_refused(source: str) -> None:
-    from tlreg.sharing.hub import split_revision
+    from tlreg.hubclient import split_revision
 
     with pytest.raises(UsageError, match=r"invalid (Hub repo id|revision)"):
         split_revision(source)

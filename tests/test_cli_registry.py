@@ -11,7 +11,7 @@ import pytest
 
 import tlreg
 
-GROUPS = ("tlreg.backbones", "tlreg.heads", "tlreg.policies", "tlreg.callbacks", "tlreg.sources",
+GROUPS = ("tlreg.backbones", "tlreg.heads", "tlreg.policies", "tlreg.callbacks", "tlreg.datasets",
           "tlreg.exporters")
 
 
@@ -56,7 +56,7 @@ def test_plugins_json_lists_builtins_under_their_groups(tlreg_cmd):
         "tlreg.heads": {"linear", "mlp", "cosine"},
         "tlreg.policies": {"auto", "feature-extract", "finetune", "partial", "gradual"},
         "tlreg.callbacks": {"early-stopping"},
-        "tlreg.sources": {"folder"},
+        "tlreg.datasets": {"csv", "folder", "hf"},
         "tlreg.exporters": {"tlreg", "timm"},
     }
     row = next(r for r in data["tlreg.heads"] if r["name"] == "mlp")

@@ -44,10 +44,11 @@ from tlreg.errors import (
     UnsafeFileError,
     UnsafeUploadError,
 )
+from tlreg.hubclient import hub_errors
 from tlreg.models.transfer import create_model
 from tlreg.sharing.api import inspect, load_artifact, push_model, push_run
 from tlreg.sharing.format import BACKBONE_FILE, CONFIG_FILE, HEAD_FILE
-from tlreg.sharing.hub import hub_errors, pull
+from tlreg.sharing.hub import pull
 from tlreg.sharing.save import save_artifact
 
 hub = test_artifact.hub  # the shared fixture: a LocalHub as the Hub (hf_env is in conftest)

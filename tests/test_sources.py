@@ -16,7 +16,7 @@ from tlreg.data.folder import folder
 from tlreg.data.sources import DataSplit, Sample, open_source, resolve
 from tlreg.errors import PluginError, UnknownNameError, UsageError
 
-SOURCES = "tlreg.sources"
+SOURCES = "tlreg.datasets"
 
 # A source reading `path,label` lines from LOCATION/train.csv and LOCATION/val.csv.
 MANIFEST_SOURCE = '''
@@ -159,3 +159,70 @@ def test_colliding_sources_need_the_distribution(plugin_site, data: Path) -> Non
     for dist in ("tlreg-manifest", "Other_Manifest"):
         assert resolve(f"{dist}:manifest:{manifests}") == (f"{dist}:manifest", str(manifests))
         assert open_source(f"{dist}:manifest:{manifests}", None, 0).classes == ("cool", "warm")
+
+
+# A worked third-party source (docs/plugins.md shows it): WebDataset-style tar shards, each
+# image a `KEY.png` member beside a `KEY.cls` member holding its label. Images stay in memory.
+SHARDS_SOURCE = '''
+import tarfile
+from pathlib import Path
+
+from tlreg.data.sources import Sample, checked_split, sort_labels
+
+
+def shards(location, val_split, seed, *, train="train-*.tar", val="val-*.tar"):
+    root = Path(location)
+    rows = {}
+    for split, pattern in (("train", train), ("val", val)):
+        rows[split] = []
+        for shard in sorted(root.glob(pattern)):
+            with tarfile.open(shard) as tar:
+                members = {m.name: m for m in tar.getmembers()}
+                for name in sorted(n for n in members if n.endswith(".png")):
+                    key = name.removesuffix(".png")
+                    label = tar.extractfile(members[key + ".cls"]).read().decode().strip()
+                    data = tar.extractfile(members[name]).read()
+                    rows[split].append((f"{shard.name}/{key}", label, data))
+    classes = sort_labels({label for split in rows.values() for _, label, _ in split})
+    index = {c: i for i, c in enumerate(classes)}
+    train, val = ([Sample(name, index[label], data=data) for name, label, data in rows[split]]
+                  for split in ("train", "val"))
+    return checked_split(str(root), classes, train, val, {"source": "shards", "root": str(root)})
+'''
+
+
+def _shard_dir(data: Path, root: Path) -> Path:
+    import io
+    import tarfile
+
+    root.mkdir()
+    for split in ("train", "val"):
+        with tarfile.open(root / f"{split}-000.tar", "w") as tar:
+            for img in sorted((data / split).rglob("*.png")):
+                for suffix, payload in ((".png", img.read_bytes()),
+                                        (".cls", img.parent.name.encode())):
+                    info = tarfile.TarInfo(img.stem + suffix)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return root
+
+
+def test_a_third_party_source_of_in_memory_images_trains(plugin_site, cli, data: Path,
+                                                         tmp_path: Path) -> None:
+    plugin_site.add("tlreg-shards", {SOURCES: {"shards": "tlreg_shards_mod:shards"}},
+                    {"tlreg_shards_mod": SHARDS_SOURCE})
+    shards = _shard_dir(data, tmp_path / "shards")
+    split = open_source(f"shards:{shards}", None, 0)
+    want = folder(data)
+    assert split.classes == want.classes
+    assert [s.data for s in split.train] == [Path(s.path).read_bytes() for s in want.train]
+    with pytest.raises(UsageError, match=r"does not take colour \(it takes: train, val\)"):
+        open_source(f"shards:{shards}", None, 0, {"colour": "red"})
+    code, _, err = cli("train", f"shards:{shards}", "--out", str(tmp_path / "run"),
+                         "--backbone", "timm:test_resnet", "--no-pretrained", "--img-size", "32",
+                         "--workers", "0", "--cache-dir", str(tmp_path / "cache"),
+                         "--source-arg", "val=val-*.tar", "-q")
+    assert code == 0, err
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["data_source"] == {"source": "shards", "root": str(shards)}
+    assert run["train_images"] == 8 and run["val_images"] == 4

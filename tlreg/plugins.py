@@ -19,7 +19,7 @@ GROUPS: dict[str, str] = {
     "head": "tlreg.heads",
     "policy": "tlreg.policies",
     "callback": "tlreg.callbacks",
-    "source": "tlreg.sources",
+    "source": "tlreg.datasets",
     "exporter": "tlreg.exporters",
 }
 

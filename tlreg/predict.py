@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +11,7 @@ from tlreg.errors import UsageError
 if TYPE_CHECKING:
     import torch
 
+    from tlreg.data.sources import Sample
     from tlreg.models.transfer import TransferModel
 
 
@@ -21,14 +22,24 @@ def load_model(source: str, *, checkpoint: str = "best", **hub_options: Any) -> 
     return load_artifact(source, checkpoint=checkpoint, **hub_options)
 
 
-def expand_inputs(inputs: Sequence[str]) -> list[str]:
-    """Image files, and the images inside folders (recursively, sorted)."""
+def expand_inputs(inputs: Sequence[str], path_column: str = "path") -> list[str]:
+    """Image files, the images inside folders (recursively, sorted), and the files a table
+    (.csv, .tsv, .parquet) lists in `path_column`, relative to the table's folder."""
     from tlreg.data.images import IMAGE_EXTENSIONS
+    from tlreg.data.sources import TABLE_SUFFIXES
 
     files: list[str] = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
+        if path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
+            from tlreg.data.table import read_table
+
+            columns, rows = read_table(path)
+            if path_column not in columns:
+                raise UsageError(f"{path} has no column {path_column!r} (its columns: "
+                                 f"{', '.join(columns)}); name the right one with --path-column")
+            files += [str(path.parent / row[path_column].strip()) for _, row in rows]
+        elif path.is_dir():
             files += [str(p) for p in sorted(path.rglob("*"))
                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
         elif path.is_file():
@@ -40,16 +51,15 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
     return files
 
 
-def _logits(model: TransferModel, files: Sequence[str], batch_size: int,
+def _logits(model: TransferModel, samples: Sequence[Sample], batch_size: int,
             device: str) -> tuple[torch.Tensor, list[int]]:
-    """Logits for the decodable files (in order) and the positions that failed to decode."""
+    """Logits for the decodable samples (in order) and the positions that failed to decode."""
     import torch
 
     from tlreg.data.images import build_transform, make_loader
-    from tlreg.data.sources import Sample
 
     transform = build_transform(model.data_config, train=False)
-    loader = make_loader([Sample(f, 0) for f in files], transform, batch_size=batch_size,
+    loader = make_loader(list(samples), transform, batch_size=batch_size,
                          shuffle=False, seed=0, workers=0)
     model = model.to(device).eval()
     out, failed = [], []
@@ -73,11 +83,16 @@ def _check_options(batch_size: int, device: str, top_k: int = 1) -> None:
 
 
 def predict(model: TransferModel, inputs: Sequence[str], *, top_k: int = 1,
-            batch_size: int = 32, device: str = "cpu") -> list[dict[str, Any]]:
-    """Top-k labels and probabilities per image; unreadable files get an `error` entry."""
+            batch_size: int = 32, device: str = "cpu",
+            path_column: str = "path") -> list[dict[str, Any]]:
+    """Top-k labels and probabilities per image; unreadable files get an `error` entry.
+
+    `inputs` are image files, folders, or tables listing files in `path_column`."""
     _check_options(batch_size, device, top_k)
-    files = expand_inputs(inputs)
-    logits, failed = _logits(model, files, batch_size, device)
+    from tlreg.data.sources import Sample
+
+    files = expand_inputs(inputs, path_column)
+    logits, failed = _logits(model, [Sample(f, 0) for f in files], batch_size, device)
     probs = logits.softmax(-1)
     k = max(1, min(top_k, probs.shape[-1]))
     labels = model.info.label_names or tuple(str(i) for i in range(model.info.num_classes))
@@ -96,18 +111,33 @@ def predict(model: TransferModel, inputs: Sequence[str], *, top_k: int = 1,
     return results
 
 
-def evaluate(model: TransferModel, data_dir: str, *, batch_size: int = 32,
-             device: str = "cpu") -> dict[str, Any]:
-    """Accuracy, per-class precision / recall and the confusion matrix on `<class>/` folders."""
+def evaluate(model: TransferModel, data: str, *, batch_size: int = 32, device: str = "cpu",
+             source_args: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Accuracy, per-class precision / recall and the confusion matrix.
+
+    `data` is a folder of `<class>/` folders (every image is scored), or any other source
+    (a table with a split column, `hf:...`): its validation split is scored.
+    """
     from tlreg.data.folder import scan_folder
+    from tlreg.data.sources import FOLDER, Sample, open_source, resolve
     from tlreg.metrics import classification_report
 
     _check_options(batch_size, device)
     classes = model.info.label_names
     if not classes:
-        raise UsageError("this model has no label names to match class folders against")
-    _, samples = scan_folder(Path(data_dir), classes)
-    logits, failed = _logits(model, [s.path for s in samples], batch_size, device)
+        raise UsageError("this model has no label names to match the data's labels against")
+    if resolve(data)[0] == FOLDER and not source_args:
+        _, samples = scan_folder(Path(data), classes)
+    else:
+        split = open_source(data, None, 0, source_args)
+        unknown = sorted({split.classes[s.label] for s in split.val} - set(classes))
+        if unknown:
+            raise UsageError(f"{data} has labels the model was not trained on: "
+                             f"{', '.join(map(repr, unknown))}")
+        index = {c: i for i, c in enumerate(classes)}
+        samples = [Sample(s.path, index[split.classes[s.label]], s.data, s.key)
+                   for s in split.val]
+    logits, failed = _logits(model, samples, batch_size, device)
     bad = set(failed)
     labels = [s.label for i, s in enumerate(samples) if i not in bad]
     report = classification_report(labels, logits.argmax(1).tolist(), classes)

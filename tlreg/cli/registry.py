@@ -1,4 +1,4 @@
-"""CLI commands over the registry: `plugins`, `backbones`, `heads`, `policies`."""
+"""CLI commands over the registry: `plugins`, `backbones`, `heads`, `policies`, `sources`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from tlreg.cli._output import print_json, print_table
 backbones_app = typer.Typer(help="List and inspect backbones.", no_args_is_help=True)
 heads_app = typer.Typer(help="List heads (the new top layer).", no_args_is_help=True)
 policies_app = typer.Typer(help="List freezing policies.", no_args_is_help=True)
+sources_app = typer.Typer(help="List data sources (where images come from).",
+                          no_args_is_help=True)
 
 JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
 
@@ -21,6 +23,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(backbones_app, name="backbones")
     app.add_typer(heads_app, name="heads")
     app.add_typer(policies_app, name="policies")
+    app.add_typer(sources_app, name="sources")
 
 
 def plugins(
@@ -124,3 +127,9 @@ def heads_list(as_json: bool = JSON) -> None:
 def policies_list(as_json: bool = JSON) -> None:
     """Registered freezing policies."""
     _simple_list("policy", as_json)
+
+
+@sources_app.command("list")
+def sources_list(as_json: bool = JSON) -> None:
+    """Registered data sources: `tlreg train NAME:LOCATION` (a folder or a table needs none)."""
+    _simple_list("source", as_json)

@@ -23,6 +23,11 @@ def register(app: typer.Typer) -> None:
     app.add_typer(cache_app, name="cache")
 
 
+#: Options of the built-in sources that have their own flags; they go to `source_args`.
+SOURCE_OPTIONS = ("path_column", "label_column", "split_column", "image_column", "root",
+                  "label_delimiter")
+
+
 def parse_kv(items: list[str] | None, what: str) -> dict[str, Any]:
     """`key=value` pairs; values are read as YAML (numbers, lists, booleans, null)."""
     import yaml
@@ -56,8 +61,9 @@ def callback_args(names: list[str], items: list[str]) -> dict[str, dict[str, Any
 def train(
     ctx: typer.Context,
     data: str | None = typer.Argument(
-        None, help="Image folder (DATA/train/<class>, DATA/val/<class>), or NAME:LOCATION for a "
-        "registered data source (tlreg plugins)."
+        None, help="Image folder (DATA/train/<class>, DATA/val/<class>), a table of paths and "
+        "labels (.csv, .tsv, .parquet), or NAME:LOCATION for a registered data source "
+        "(hf:beans; tlreg sources list)."
     ),
     out: str | None = typer.Option(None, "--out", "-o", help="Run directory to create."),
     config: Path | None = typer.Option(
@@ -120,7 +126,30 @@ def train(
     cv_folds: int | None = typer.Option(
         None, "--cv-folds", help="Folds for choosing the head's regularisation (default 5)."
     ),
-    val_split: float | None = typer.Option(None, "--val-split", help="Split DATA/<class> folders."),
+    val_split: float | None = typer.Option(
+        None, "--val-split", help="Hold out this fraction of each class (data without a val split)."
+    ),
+    path_column: str | None = typer.Option(
+        None, "--path-column", help="Table column of image paths (csv; default 'path')."
+    ),
+    label_column: str | None = typer.Option(
+        None, "--label-column", help="Column of labels (csv default 'label'; hf: a ClassLabel)."
+    ),
+    split_column: str | None = typer.Option(
+        None, "--split-column", help="Table column of train / val / test (csv; 'split' if there)."
+    ),
+    image_column: str | None = typer.Option(
+        None, "--image-column", help="Column of images (hf; default: the first Image column)."
+    ),
+    root: str | None = typer.Option(
+        None, "--root", help="Folder the table's paths are relative to (default: the table's)."
+    ),
+    label_delimiter: str | None = typer.Option(
+        None, "--label-delimiter", help="Separator of several labels in one cell (csv)."
+    ),
+    source_arg: list[str] | None = typer.Option(
+        None, "--source-arg", help="key=value for the data source (a plugin's options)."
+    ),
     img_size: int | None = typer.Option(None, "--img-size"),
     augment: bool | None = typer.Option(
         None, "--augment/--no-augment", help="timm training augmentation."
@@ -190,7 +219,7 @@ def train(
         for k, v in locals().items()
         if v is not None
         and k not in {"ctx", "config", "resume", "head_arg", "policy_arg", "devices",
-                      "callback", "callback_arg"}
+                      "callback", "callback_arg", "source_arg", *SOURCE_OPTIONS}
     }
     if devices is not None and devices != 1:
         _launch(ctx, devices)
@@ -199,6 +228,9 @@ def train(
         options["head_args"] = parse_kv(head_arg, "head-arg")
     if policy_arg:
         options["policy_args"] = parse_kv(policy_arg, "policy-arg")
+    given = {k: v for k, v in locals().items() if k in SOURCE_OPTIONS and v is not None}
+    if given or source_arg:
+        options["source_args"] = given | parse_kv(source_arg, "source-arg")
     if callback:
         options["callbacks"] = list(callback)
     if callback_arg:
@@ -261,18 +293,27 @@ def _command_line(ctx: Any, skip: str) -> list[str]:
 
 def evaluate(
     source: str = typer.Argument(..., help="Run directory, artifact folder or Hub id."),
-    data: str = typer.Argument(..., help="Folder of <class>/ image folders."),
+    data: str = typer.Argument(..., help="Folder of <class>/ image folders, or a source whose "
+                               "val split to score (a table with a split column, hf:...)."),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best or last (run directories)."),
     batch_size: int = typer.Option(32, "--batch-size"),
     device: str = typer.Option("cpu", "--device"),
     as_json: bool = typer.Option(False, "--json"),
+    path_column: str | None = typer.Option(None, "--path-column"),
+    label_column: str | None = typer.Option(None, "--label-column"),
+    split_column: str | None = typer.Option(None, "--split-column"),
+    image_column: str | None = typer.Option(None, "--image-column"),
+    root: str | None = typer.Option(None, "--root"),
+    source_arg: list[str] | None = typer.Option(None, "--source-arg"),
 ) -> None:
     """Accuracy, per-class precision / recall and the confusion matrix."""
     from tlreg.predict import evaluate as run_eval
     from tlreg.predict import load_model
 
+    given = {k: v for k, v in locals().items() if k in SOURCE_OPTIONS and v is not None}
     report = run_eval(
-        load_model(source, checkpoint=checkpoint), data, batch_size=batch_size, device=device
+        load_model(source, checkpoint=checkpoint), data, batch_size=batch_size, device=device,
+        source_args=given | parse_kv(source_arg, "source-arg"),
     )
     if as_json:
         print_json(report)
@@ -295,7 +336,9 @@ def evaluate(
 
 def predict(
     source: str = typer.Argument(..., help="Run directory, artifact folder or Hub id."),
-    inputs: list[str] = typer.Argument(..., help="Image files or folders."),
+    inputs: list[str] = typer.Argument(
+        ..., help="Image files, folders, or tables (.csv, .tsv, .parquet) listing files."
+    ),
     top_k: int = typer.Option(1, "--top-k", "-k"),
     checkpoint: str = typer.Option("best", "--checkpoint"),
     batch_size: int = typer.Option(32, "--batch-size"),
@@ -305,8 +348,11 @@ def predict(
     allow_backbone_mismatch: bool = typer.Option(False, "--allow-backbone-mismatch"),
     as_json: bool = typer.Option(False, "--json"),
     csv: Path | None = typer.Option(None, "--csv", help="Also write the predictions as CSV."),
+    path_column: str = typer.Option(
+        "path", "--path-column", help="Column of image paths in a table input."
+    ),
 ) -> None:
-    """Top-k predictions for images and folders."""
+    """Top-k predictions for images, folders and tables of image paths."""
     from tlreg.predict import load_model
     from tlreg.predict import predict as run_predict
 
@@ -314,7 +360,8 @@ def predict(
     if allow_backbone_mismatch:
         hub["allow_backbone_mismatch"] = True
     model = load_model(source, checkpoint=checkpoint, **hub)
-    results = run_predict(model, inputs, top_k=top_k, batch_size=batch_size, device=device)
+    results = run_predict(model, inputs, top_k=top_k, batch_size=batch_size, device=device,
+                          path_column=path_column)
     if csv is not None:
         _write_csv(csv, results, top_k)
     if as_json:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tlreg._io import atomic_path, atomic_write_json
+from tlreg.data.sources import identity, image_file
 
 if TYPE_CHECKING:
     import numpy as np
@@ -66,7 +66,7 @@ def estimate_bytes(samples: Sequence[Sample], short_side: int) -> int:
     total = 0
     for s in samples:
         try:
-            with Image.open(s.path) as img:
+            with Image.open(image_file(s)) as img:
                 w, h = img.size
         except Exception:
             continue
@@ -93,10 +93,10 @@ class _DecodeDataset:
         import numpy as np
         from PIL import Image
 
-        from tlreg.data.images import load_rgb
+        from tlreg.data.images import load_sample
 
         try:
-            img = load_rgb(self.samples[i].path)
+            img = load_sample(self.samples[i])
         except Exception:
             return None, i
         size = resized_size(*img.size, self.short_side)
@@ -129,8 +129,8 @@ class DecodedImages:
 def _key(samples: Sequence[Sample], short_side: int, interpolation: str) -> str:
     h = hashlib.sha256(f"{short_side}|{interpolation}".encode())
     for s in samples:
-        st = os.stat(s.path)
-        h.update(f"{s.path}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        name, (size, stamp) = identity(s)
+        h.update(f"{name}|{size}|{stamp}\n".encode())
     return h.hexdigest()[:24]
 
 

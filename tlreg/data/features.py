@@ -2,8 +2,9 @@
 
 Only valid while the backbone is frozen for the whole run, its BN layers are in eval mode and
 the transforms are deterministic (the trainer checks all three). Entries are keyed by backbone,
-weights hash, data config and transform; inside an entry each file is keyed by its path, size
-and modification time, so touching one file recomputes only that one.
+weights hash, data config and transform; inside an entry each image is keyed by
+`tlreg.data.sources.identity` (a file's path, size and modification time, so touching one file
+recomputes only that one; an in-memory image's content hash).
 """
 
 from __future__ import annotations
@@ -34,11 +35,6 @@ def cache_root(override: str | os.PathLike[str] | None = None) -> Path:
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "tlreg"
-
-
-def file_key(path: str) -> list[int]:
-    st = os.stat(path)
-    return [st.st_size, st.st_mtime_ns]
 
 
 @dataclass(frozen=True)
@@ -81,28 +77,34 @@ class FeatureCache:
                               "features are computed again", stacklevel=2)
                 self.features, self.index = None, {}
 
-    def lookup(self, paths: Sequence[str]) -> tuple[dict[int, int], list[int]]:
+    def lookup(self, samples: Sequence[Sample]) -> tuple[dict[int, int], list[int]]:
         """(position -> cached row) for fresh entries, and positions that need computing."""
+        from tlreg.data.sources import identity
+
         hits: dict[int, int] = {}
         missing: list[int] = []
-        for i, path in enumerate(paths):
-            entry = self.index.get(path)
-            if entry is not None and self.features is not None and entry[:2] == file_key(path):
+        for i, sample in enumerate(samples):
+            name, stamp = identity(sample)
+            entry = self.index.get(name)
+            if entry is not None and self.features is not None and entry[:2] == stamp:
                 hits[i] = entry[2]
             else:
                 missing.append(i)
         return hits, missing
 
-    def update(self, paths: Sequence[str], features: torch.Tensor) -> None:
-        """Add or replace rows for `paths` and write the entry atomically."""
+    def update(self, samples: Sequence[Sample], features: torch.Tensor) -> None:
+        """Add or replace rows for `samples` and write the entry atomically."""
         import torch
+
+        from tlreg.data.sources import identity
 
         rows = self.features if self.features is not None else features.new_empty(
             (0, features.shape[1]))
         start = rows.shape[0]
         self.features = torch.cat([rows, features.detach().cpu().float()])
-        for j, path in enumerate(paths):
-            self.index[path] = [*file_key(path), start + j]
+        for j, sample in enumerate(samples):
+            name, stamp = identity(sample)
+            self.index[name] = [*stamp, start + j]
         self._compact()
         if self.read_only:
             return
@@ -179,8 +181,7 @@ def cached_features(samples: Sequence[Sample], compute: Callable[[list[int]], tu
     `compute(positions)` runs the backbone on those samples and returns their features (in
     order, undecodable ones left out) and the failed positions. Failed files are not cached.
     """
-    paths = [s.path for s in samples]
-    hits, missing = cache.lookup(paths) if cache is not None else ({}, list(range(len(paths))))
+    hits, missing = cache.lookup(samples) if cache is not None else ({}, list(range(len(samples))))
     failed: list[int] = []
     if missing:
         new, failed = compute(missing)
@@ -189,12 +190,12 @@ def cached_features(samples: Sequence[Sample], compute: Callable[[list[int]], tu
         bad = set(failed)
         ok = [i for i in missing if i not in bad]
         if ok:
-            cache.update([paths[i] for i in ok], new)
-        hits, _ = cache.lookup(paths)
+            cache.update([samples[i] for i in ok], new)
+        hits, _ = cache.lookup(samples)
     assert cache is not None
     if cache.features is None:  # nothing cached and nothing decodable
         return new.float(), failed
-    return cache.features[[hits[i] for i in range(len(paths)) if i in hits]], failed
+    return cache.features[[hits[i] for i in range(len(samples)) if i in hits]], failed
 
 
 def list_entries(root: Path | None = None) -> list[dict[str, Any]]:

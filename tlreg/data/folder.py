@@ -8,13 +8,11 @@ anything in a hidden folder, are not samples.
 
 from __future__ import annotations
 
-import math
-import random
 from collections.abc import Sequence
 from pathlib import Path
 
 from tlreg.data.images import IMAGE_EXTENSIONS
-from tlreg.data.sources import DataSplit, Sample
+from tlreg.data.sources import DataSplit, Sample, stratified_split
 from tlreg.errors import UsageError
 
 
@@ -75,7 +73,7 @@ def folder(location: str | Path, val_split: float | None = None, seed: int = 0) 
                              f"{root}/train/<class>/ and {root}/val/<class>/, or pass "
                              f"--val-split 0.2 to split {root}/<class>/ folders")
         classes, samples = scan_folder(root)
-        train, val = _split(samples, val_split, seed)
+        train, val = stratified_split(samples, val_split, seed)
     if len(classes) < 2:
         raise UsageError(f"{root} has a single class ({classes[0]!r}); classification needs two "
                          "or more class folders")
@@ -83,19 +81,5 @@ def folder(location: str | Path, val_split: float | None = None, seed: int = 0) 
         raise UsageError(f"the validation split of {root} is empty: "
                          + ("every class has a single image, which stays in train; add images "
                             "or a val/ folder" if val_split is not None else "val/ has no images"))
-    return DataSplit(classes, tuple(train), tuple(val))
+    return DataSplit(classes, tuple(train), tuple(val), {"source": "folder", "location": str(root)})
 
-
-def _split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample],
-                                                                       list[Sample]]:
-    """Stratified split with a fixed seed: the same files go to val on every run."""
-    rng = random.Random(seed)
-    train: list[Sample] = []
-    val: list[Sample] = []
-    for label in sorted({s.label for s in samples}):
-        group = [s for s in samples if s.label == label]
-        rng.shuffle(group)
-        n_val = min(len(group) - 1, max(1, math.ceil(len(group) * fraction)))
-        val += group[:n_val]
-        train += group[n_val:]
-    return sorted(train, key=lambda s: s.path), sorted(val, key=lambda s: s.path)

@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -48,8 +48,9 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.nan_to_num(a), 0, 255).round().astype(np.uint8), "L")
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode any still image as RGB: grayscale, CMYK, palette and alpha (over white) included.
+def load_rgb(path: str | Path | IO[bytes], name: str | None = None) -> Image.Image:
+    """Decode any still image (a file, or an open binary stream) as RGB: grayscale, CMYK,
+    palette and alpha (over white) included.
 
     High-bit-depth grey images are scaled to 8 bits, not clipped to white; images larger than
     MAX_PIXELS or more elongated than MAX_ASPECT raise ImageTooLarge before decoding.
@@ -59,8 +60,8 @@ def load_rgb(path: str | Path) -> Image.Image:
     with Image.open(path) as img:
         w, h = img.size
         if w * h > MAX_PIXELS or max(w, h) > MAX_ASPECT * max(1, min(w, h)):
-            raise ImageTooLarge(f"{path}: {w}x{h} pixels is too large or elongated to decode "
-                                f"(limits {MAX_PIXELS} pixels, aspect {MAX_ASPECT:g}:1)")
+            raise ImageTooLarge(f"{name or path}: {w}x{h} pixels is too large or elongated to "
+                                f"decode (limits {MAX_PIXELS} pixels, aspect {MAX_ASPECT:g}:1)")
         img.seek(0)  # first frame of a GIF
         if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
             return _to_8bit(img).convert("RGB")
@@ -69,6 +70,13 @@ def load_rgb(path: str | Path) -> Image.Image:
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return Image.alpha_composite(background, rgba).convert("RGB")
         return img.convert("RGB")
+
+
+def load_sample(sample: Sample) -> Image.Image:
+    """`load_rgb` for a sample of any source: its file, or its bytes held in memory."""
+    from tlreg.data.sources import image_file
+
+    return load_rgb(image_file(sample), name=sample.path)
 
 
 def data_config_for(model_config: dict[str, Any], img_size: int | None) -> dict[str, Any]:
@@ -127,7 +135,7 @@ class ImageDataset:
     def __getitem__(self, index: int) -> tuple[Any, int, int] | tuple[None, int, int]:
         sample = self.samples[index]
         try:
-            image = load_rgb(sample.path)
+            image = load_sample(sample)
             if self.per_sample_seed is None:
                 return self.transform(image), sample.label, index
             return (_seeded(self.transform, image, sample_seed(self.per_sample_seed, index)),

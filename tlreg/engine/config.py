@@ -54,6 +54,8 @@ class TrainConfig:
     lp_ft: bool = True  # fit the head on frozen features before the backbone trains
     cv_folds: int = 5
     val_split: float | None = None
+    # The data source's own options (tlreg.data.sources), e.g. csv's path_column, label_column
+    source_args: dict[str, Any] = field(default_factory=dict)
     img_size: int | None = None
     augment: bool | None = None
     # Training augmentation (None: measured by the probe when LP-FT runs, else timm's 0.08,

@@ -34,7 +34,10 @@ Batches = Iterator[tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]]
 def require_readable(samples: Sequence[Sample], failed: int) -> None:
     """A split none of whose images decodes is an error, not a run that 'trains' on nothing."""
     if samples and failed >= len(samples):
-        folder = os.path.dirname(os.path.dirname(samples[0].path))
+        try:
+            folder = os.path.commonpath([s.path for s in samples])
+        except ValueError:  # paths on different drives, or relative and absolute mixed
+            folder = os.path.dirname(samples[0].path)
         raise UsageError(f"none of the {len(samples)} images under {folder} could be read "
                          f"(first: {samples[0].path}); nothing to train or evaluate on")
 

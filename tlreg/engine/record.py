@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,8 @@ def write_start(t: Trainer, data: DataSplit) -> None:
         "device": str(t.device), "threads": torch.get_num_threads(),
         "workers": t.config.workers, "train_images": len(data.train),
         "val_images": len(data.val), "classes": list(data.classes),
+        # where the images came from: a table's hash, a data set's revision
+        "data_source": json.loads(json.dumps(dict(data.info), default=str)),
         "feature_cache": t.use_features,
         "world_size": t.world, "global_batch_size": t.global_batch,
         "backend": distributed.backend(), "lr_scaling": t.config.lr_scaling,

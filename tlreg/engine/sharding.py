@@ -80,7 +80,7 @@ def shard_features(samples: Sequence[Sample],
     n_world, me = world(), rank()
     missing: list[int] | None = None
     if is_main():
-        missing = cache.lookup([s.path for s in samples])[1] if cache is not None else list(
+        missing = cache.lookup(samples)[1] if cache is not None else list(
             range(len(samples)))
     missing = broadcast_object(missing)
     assert missing is not None

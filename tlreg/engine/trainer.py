@@ -203,7 +203,7 @@ class Trainer:
 
         cfg = self.config
         rundir.check_out_dir(self.run_dir, self.resume)
-        data = open_source(cfg.data, cfg.val_split, cfg.seed)
+        data = open_source(cfg.data, cfg.val_split, cfg.seed, cfg.source_args)
         seed_everything(cfg.seed)
         self._resolve(data)
         cfg = self.config

@@ -117,7 +117,7 @@ def fingerprint(config: Any, samples: Sequence[Any], classes: Sequence[str],
                 data_config: Mapping[str, Any]) -> dict[str, Any]:
     """What the run's numbers depend on: data, classes, model, policy, input, loss."""
     cfg = config
-    listing = "\n".join(f"{s.path}\t{s.label}" for s in samples)
+    listing = "\n".join(f"{s.path}\t{s.label}" + (f"\t{s.key}" if s.key else "") for s in samples)
     fp = {"classes": list(classes),
           "samples_sha256": hashlib.sha256(listing.encode()).hexdigest(),
           "train_images": train_images, "val_images": val_images,

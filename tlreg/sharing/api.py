@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from tlreg._io import MODEL_JSON
 from tlreg.errors import UsageError
+from tlreg.hubclient import check_revision, split_revision
 from tlreg.runs.checkpoint import load_run_model
 from tlreg.sharing.exporters import export_run
-from tlreg.sharing.hub import check_revision, pull, push_folder, split_revision
+from tlreg.sharing.hub import pull, push_folder
 from tlreg.sharing.inspect import inspect_folder, inspect_hub, inspect_run
 from tlreg.sharing.load import load_artifact_dir
 from tlreg.sharing.save import save_artifact

@@ -14,9 +14,9 @@ from typing import Any
 
 from tlreg._io import MODEL_JSON, checkpoint_dir
 from tlreg.errors import ArtifactError
+from tlreg.hubclient import hf_api, hub_errors
 from tlreg.sharing.exporters import run_metrics
 from tlreg.sharing.format import CARD_FILE, CONFIG_FILE, PICKLE_SUFFIXES, file_sha256, read_config
-from tlreg.sharing.hub import hf_api, hub_errors
 
 
 def inspect_folder(folder: Path) -> dict[str, Any]:
