@@ -46,7 +46,8 @@ class PluginSite:
         self.dists: list[PluginDist] = []
 
     def add(self, name: str, entry_points: Mapping[str, Mapping[str, str]],
-            modules: Mapping[str, str], version: str = "0.1.0") -> PluginDist:
+            modules: Mapping[str, str], version: str = "0.1.0",
+            requires: tuple[str, ...] = ()) -> PluginDist:
         """Write `modules` ({module name: source}) and a dist-info registering `entry_points`.
 
         `entry_points` maps a group ('tlreg.backbones') to {entry name: 'module:attr'}.
@@ -57,7 +58,7 @@ class PluginSite:
         info.mkdir()
         (info / "METADATA").write_text(
             f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
-            f"Summary: tlreg test plugin\n")
+            f"Summary: tlreg test plugin\n" + "".join(f"Requires-Dist: {r}\n" for r in requires))
         lines = []
         for group, entries in entry_points.items():
             lines.append(f"[{group}]")

@@ -27,6 +27,7 @@ def _imported(cmd: list[str], *args: str) -> tuple[subprocess.CompletedProcess[s
 @pytest.mark.parametrize("args", [
     ["--help"], ["plugins"], ["plugins", "--json"], ["backbones", "list"],
     ["backbones", "list", "res*", "--json"], ["heads", "list"], ["policies", "list", "--json"],
+    ["sources", "list"], ["--version"],
 ])
 def test_installed_cli_starts_without_torch_or_timm(tlreg_cmd, args):
     res, modules = _imported(tlreg_cmd, *args)
@@ -39,7 +40,7 @@ def test_installed_cli_starts_without_torch_or_timm(tlreg_cmd, args):
 def test_python_m_tlreg():
     res = subprocess.run([sys.executable, "-m", "tlreg", "--version"], capture_output=True,
                          text=True, timeout=60)
-    assert res.returncode == 0 and res.stdout.strip() == f"tlreg {tlreg.__version__}"
+    assert res.returncode == 0 and res.stdout.startswith(f"tlreg {tlreg.__version__} (torch ")
 
 
 def test_plugins_json_lists_builtins_under_their_groups(tlreg_cmd):
@@ -132,4 +133,31 @@ def test_usage_errors(cli):
     code, _, err = cli("backbones", "frobnicate")
     assert code == 2 and "No such command" in err
     code, out, _ = cli("--version")
-    assert code == 0 and out.strip() == f"tlreg {tlreg.__version__}"
+    assert code == 0 and out.splitlines()[0].startswith(f"tlreg {tlreg.__version__} (torch ")
+
+
+def test_demo_data_is_a_source_and_demo_says_what_to_install_without_it(cli, tmp_path,
+                                                                         monkeypatch):
+    from tlreg.data.sources import open_source
+    from tlreg.plugins import find_plugins
+    from tlreg.registry import clear_cache
+
+    if not any(p.dist == "tlreg-demo-data" for p in find_plugins("source")):
+        pytest.skip("tlreg-demo-data is not installed")
+    split = open_source("demo:hymenoptera", None, 0)
+    assert split.classes == ("ants", "bees") and (len(split.train), len(split.val)) == (244, 153)
+    from tlreg.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown demo data set 'wasps'; this package has: "
+                                               "demo:hymenoptera"):
+        open_source("demo:wasps", None, 0)
+    monkeypatch.setenv("TLREG_DISABLE_PLUGINS", "tlreg-demo-data")
+    clear_cache()
+    code, _, err = cli("demo", "--out", str(tmp_path / "run"))
+    assert code == 2 and not (tmp_path / "run").exists()
+    assert err.strip().splitlines() == [
+        "error: the demo images are a package of their own: pip install tlreg-demo-data (from "
+        "the tlreg repository: pip install -e plugins/tlreg-demo-data); or pass --data DIR with "
+        "DIR/train/<class> and DIR/val/<class>"]
+    monkeypatch.delenv("TLREG_DISABLE_PLUGINS")
+    clear_cache()

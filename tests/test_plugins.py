@@ -161,6 +161,34 @@ def test_check_names_package_and_error(plugin_site, tlreg_cmd, cli):
     assert rows["resnet50"]["ok"] is True and rows["resnet50"]["error"] is None
 
 
+def test_version_lists_plugins_and_check_reports_a_tlreg_range_that_excludes_us(
+        plugin_site, cli):
+    import tlreg
+
+    ok = plugin_site.add("tlreg-ranged", {"tlreg.heads": {"ranged": "tlreg_ranged_mod:head"}},
+                         {"tlreg_ranged_mod": "def head(i, n):\n    pass\n"}, version="1.2.0",
+                         requires=("tlreg>=0.1", "numpy>=1"))
+    plugin_site.add("tlreg-future", {"tlreg.heads": {"future": "tlreg_future_mod:head"},
+                                     "tlreg.policies": {"later": "tlreg_future_mod:head"}},
+                    {"tlreg_future_mod": "def head(i, n):\n    pass\n"}, version="3.0.0",
+                    requires=("tlreg>=9.0,<10",))
+    code, out, _ = cli("--version")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].startswith(f"tlreg {tlreg.__version__} (torch ")
+    assert "  tlreg-future 3.0.0: 1 head, 1 policy" in lines
+    assert "  tlreg-ranged 1.2.0: 1 head" in lines
+    code, out, err = cli("plugins", "--check")
+    assert code == 1
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert errors == [f"error: package tlreg-future 3.0.0 supports tlreg <10,>=9.0, but tlreg "
+                      f"{tlreg.__version__} is installed; install a tlreg-future release for "
+                      "this tlreg"]
+    assert ok.name not in err
+    code, out, _ = cli("plugins", "--check", "--json")
+    bad = [r for r in json.loads(out) if not r["ok"]]
+    assert code == 1 and [r["distribution"] for r in bad] == ["tlreg-future"]
+
+
 def test_broken_plugin_warns_once_then_strict_mode_fails(plugin_site, cli, monkeypatch):
     _broken(plugin_site)
     # --pretrained loads every spec: the broken one is skipped with one warning naming it.

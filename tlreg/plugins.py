@@ -77,6 +77,52 @@ def find_plugins(kind: str | None = None) -> list[Plugin]:
     return sorted(found, key=lambda p: (list(GROUPS).index(p.kind), p.name, p.dist))
 
 
+def tlreg_requirement(dist: str) -> str | None:
+    """The tlreg range distribution `dist` declares (`Requires-Dist: tlreg>=0.1,<0.2`), if any."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    for line in metadata.requires(dist) or []:
+        try:
+            req = Requirement(line)
+        except InvalidRequirement:
+            continue
+        if normalize_dist(req.name) == "tlreg" and not req.marker:
+            return str(req.specifier) or None
+    return None
+
+
+def version_conflicts() -> list[tuple[str, str, str, str]]:
+    """(distribution, its version, the tlreg range it supports, the installed tlreg) for every
+    plugin distribution whose declared range excludes the installed tlreg; reads metadata only.
+
+    pip refuses such an install, but not a later upgrade of tlreg alone (it only warns), and
+    not `--no-deps`; `tlreg plugins --check` reports it instead of a confusing failure later.
+    """
+    from packaging.specifiers import SpecifierSet
+
+    installed = metadata.version("tlreg")
+    conflicts = []
+    for dist, version in sorted({(p.dist, p.version) for p in find_plugins()}):
+        if dist == "tlreg":
+            continue
+        try:
+            wanted = tlreg_requirement(dist)
+        except metadata.PackageNotFoundError:
+            continue
+        if wanted and not SpecifierSet(wanted).contains(installed, prereleases=True):
+            conflicts.append((dist, version, wanted, installed))
+    return conflicts
+
+
+def distributions() -> list[tuple[str, str, dict[str, int]]]:
+    """(distribution, version, {kind: number of entries}) of every package with entries."""
+    rows: dict[tuple[str, str], dict[str, int]] = {}
+    for p in find_plugins():
+        kinds = rows.setdefault((p.dist, p.version), {})
+        kinds[p.kind] = kinds.get(p.kind, 0) + 1
+    return [(d, v, k) for (d, v), k in sorted(rows.items())]
+
+
 def import_entry(plugin: Plugin) -> Any:
     """Import one entry point's object (no check, no cache: the registry adds both)."""
     module_name, _, attr = plugin.value.partition(":")

@@ -36,16 +36,34 @@ _state = {"debug": False}
 
 
 def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"tlreg {__version__}")
-        raise typer.Exit()
+    """tlreg's version, then torch's and timm's and every plugin package's (metadata only:
+    nothing is imported, so this stays instant)."""
+    if not value:
+        return
+    from importlib import metadata
+
+    from tlreg.plugins import distributions
+
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    typer.echo(f"tlreg {__version__} (torch {installed('torch')}, timm {installed('timm')}, "
+               f"huggingface_hub {installed('huggingface-hub')})")
+    for dist, version, kinds in distributions():
+        if dist != "tlreg":
+            entries = ", ".join(f"{n} {k}{'s' if n > 1 else ''}" for k, n in kinds.items())
+            typer.echo(f"  {dist} {version}: {entries}")
+    raise typer.Exit()
 
 
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Print the version and exit."),
+                                 help="Print the versions of tlreg and its plugins, and exit."),
 ) -> None:
     _state["debug"] = debug
 

@@ -13,7 +13,9 @@ def register(app: typer.Typer) -> None:
 
 
 def demo(
-    data: Path | None = typer.Option(None, "--data", help="Another DIR/{train,val}/<class>."),
+    data: str | None = typer.Option(
+        None, "--data", help="Other data: DIR/{train,val}/<class>, a table, NAME:LOCATION."
+    ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Run directory to create."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:

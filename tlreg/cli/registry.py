@@ -35,10 +35,17 @@ def plugins(
     from tlreg.registry import check_all
 
     if check:
+        from tlreg.plugins import version_conflicts
+
         results = check_all()
-        failures = [err for _, err in results if err]
+        ranges = [(dist, version, f"package {dist} {version} supports tlreg {wanted}, but "
+                   f"tlreg {have} is installed; install a {dist} release for this tlreg")
+                  for dist, version, wanted, have in version_conflicts()]
+        failures = [err for _, err in results if err] + [err for _, _, err in ranges]
         if as_json:
-            print_json([_plugin_row(p) | {"ok": err is None, "error": err} for p, err in results])
+            print_json([_plugin_row(p) | {"ok": err is None, "error": err} for p, err in results]
+                       + [{"distribution": d, "version": v, "ok": False, "error": err}
+                          for d, v, err in ranges])
         else:
             print_table(["group", "name", "package", "version", "status"],
                         [(p.kind, p.name, p.dist, p.version, "ok" if not e else "FAILED")
