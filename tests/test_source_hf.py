@@ -125,6 +125,12 @@ def test_bad_data_sets_are_one_clear_error(photos: Path, tmp_path: Path) -> None
                                                           "label_column": "label"})
     with pytest.raises(UsageError, match=r"has a validation split \('validation'\); drop"):
         open_source(f"hf:{tmp_path / 'blobs'}", 0.2, 0, {"image_column": "blob"})
+    unlabelled = dd["validation"].cast_column("species", datasets.Value("int64")).map(
+        lambda r: {"species": -1}).cast_column("species", dd["train"].features["species"])
+    datasets.DatasetDict({"train": dd["train"], "validation": unlabelled}).save_to_disk(
+        str(tmp_path / "unlabelled"))
+    with pytest.raises(UsageError, match=r"/validation row 0 has no label \('species' is -1\)"):
+        open_source(f"hf:{tmp_path / 'unlabelled'}", None, 0)
     with pytest.raises(UsageError, match="`datasets` cannot read it"):
         (tmp_path / "junk").mkdir()
         (tmp_path / "junk" / "notes.bin").write_bytes(b"\0\1")

@@ -184,6 +184,9 @@ def _samples(datasets: Any, ds: Any, image_column: str, label_column: str,
         if label is None or (not labelled and str(label) == ""):
             raise UsageError(f"{where} row {i}: empty label ({label_column!r})")
         target = int(label) if labelled else index[str(label)]
+        if not 0 <= target < len(classes):  # datasets marks unlabelled rows (test splits) -1
+            raise UsageError(f"{where} row {i} has no label ({label_column!r} is {label}); "
+                             "train and validate on labelled splits")
         if isinstance(image, dict):  # Image(decode=False): {"bytes": ..., "path": ...}
             data, path = image.get("bytes"), image.get("path")
         elif isinstance(image, bytes | bytearray):
