@@ -27,6 +27,11 @@ class UnknownNameError(UsageError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message: the part of a library's error a user needs."""
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
 class PluginError(TlregError):
     """A plugin failed to load or gave an object of the wrong type."""
 

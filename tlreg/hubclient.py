@@ -21,6 +21,7 @@ from tlreg.errors import (
     HubNotFoundError,
     TlregError,
     UsageError,
+    first_line,
 )
 
 if TYPE_CHECKING:
@@ -130,7 +131,7 @@ def hub_errors(repo_id: str, revision: str | None, endpoint: str, *, token: str 
                                  f"reached for {where}") from exc
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
-        detail = exc.server_message or _first_line(exc)
+        detail = exc.server_message or first_line(exc)
         if status == 401:
             if not token and not have_token():
                 raise HubAuthError(f"the Hub at {host} needs a token for "
@@ -148,7 +149,7 @@ def hub_errors(repo_id: str, revision: str | None, endpoint: str, *, token: str 
     except Exception as exc:
         if _is_network_error(exc):
             raise HubConnectionError(f"cannot reach the Hub at {host}: "
-                                     f"{type(exc).__name__}: {_first_line(exc)}") from exc
+                                     f"{type(exc).__name__}: {first_line(exc)}") from exc
         raise
 
 
@@ -171,9 +172,6 @@ def _filename(exc: BaseException, revision: str | None) -> str:
         return url.split(marker, 1)[1]
     return url.rsplit("/", 1)[-1] or "?"
 
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0]
 
 def safe_get_token(get_token: Any) -> str | None:
     try:

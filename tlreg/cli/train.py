@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
@@ -26,6 +26,29 @@ def register(app: typer.Typer) -> None:
 #: Options of the built-in sources that have their own flags; they go to `source_args`.
 SOURCE_OPTIONS = ("path_column", "label_column", "split_column", "image_column", "root",
                   "label_delimiter")
+
+# Declared once, used by `train` and `eval` (both open a source).
+PathColumn = Annotated[str | None, typer.Option(
+    "--path-column", help="Table column of image paths (csv; default 'path').")]
+LabelColumn = Annotated[str | None, typer.Option(
+    "--label-column", help="Column of labels (csv default 'label'; hf: a ClassLabel).")]
+SplitColumn = Annotated[str | None, typer.Option(
+    "--split-column", help="Table column of train / val / test (csv; 'split' if there).")]
+ImageColumn = Annotated[str | None, typer.Option(
+    "--image-column", help="Column of images (hf; default: the first Image column).")]
+Root = Annotated[str | None, typer.Option(
+    "--root", help="Folder the table's paths are relative to (default: the table's).")]
+LabelDelimiter = Annotated[str | None, typer.Option(
+    "--label-delimiter", help="Separator of several labels in one cell (csv): multi-label.")]
+SourceArg = Annotated[list[str] | None, typer.Option(
+    "--source-arg", help="key=value for the data source (a plugin's options).")]
+
+
+def source_args(values: dict[str, Any], source_arg: list[str] | None) -> dict[str, Any]:
+    """The source's keyword arguments: the flags in SOURCE_OPTIONS that were given, then
+    `--source-arg key=value` pairs."""
+    given = {k: v for k, v in values.items() if k in SOURCE_OPTIONS and v is not None}
+    return given | parse_kv(source_arg, "source-arg")
 
 
 def parse_kv(items: list[str] | None, what: str) -> dict[str, Any]:
@@ -129,27 +152,13 @@ def train(
     val_split: float | None = typer.Option(
         None, "--val-split", help="Hold out this fraction of each class (data without a val split)."
     ),
-    path_column: str | None = typer.Option(
-        None, "--path-column", help="Table column of image paths (csv; default 'path')."
-    ),
-    label_column: str | None = typer.Option(
-        None, "--label-column", help="Column of labels (csv default 'label'; hf: a ClassLabel)."
-    ),
-    split_column: str | None = typer.Option(
-        None, "--split-column", help="Table column of train / val / test (csv; 'split' if there)."
-    ),
-    image_column: str | None = typer.Option(
-        None, "--image-column", help="Column of images (hf; default: the first Image column)."
-    ),
-    root: str | None = typer.Option(
-        None, "--root", help="Folder the table's paths are relative to (default: the table's)."
-    ),
-    label_delimiter: str | None = typer.Option(
-        None, "--label-delimiter", help="Separator of several labels in one cell (csv)."
-    ),
-    source_arg: list[str] | None = typer.Option(
-        None, "--source-arg", help="key=value for the data source (a plugin's options)."
-    ),
+    path_column: PathColumn = None,
+    label_column: LabelColumn = None,
+    split_column: SplitColumn = None,
+    image_column: ImageColumn = None,
+    root: Root = None,
+    label_delimiter: LabelDelimiter = None,
+    source_arg: SourceArg = None,
     img_size: int | None = typer.Option(None, "--img-size"),
     augment: bool | None = typer.Option(
         None, "--augment/--no-augment", help="timm training augmentation."
@@ -228,9 +237,8 @@ def train(
         options["head_args"] = parse_kv(head_arg, "head-arg")
     if policy_arg:
         options["policy_args"] = parse_kv(policy_arg, "policy-arg")
-    given = {k: v for k, v in locals().items() if k in SOURCE_OPTIONS and v is not None}
-    if given or source_arg:
-        options["source_args"] = given | parse_kv(source_arg, "source-arg")
+    if sources := source_args(locals(), source_arg):
+        options["source_args"] = sources
     if callback:
         options["callbacks"] = list(callback)
     if callback_arg:
@@ -299,21 +307,21 @@ def evaluate(
     batch_size: int = typer.Option(32, "--batch-size"),
     device: str = typer.Option("cpu", "--device"),
     as_json: bool = typer.Option(False, "--json"),
-    path_column: str | None = typer.Option(None, "--path-column"),
-    label_column: str | None = typer.Option(None, "--label-column"),
-    split_column: str | None = typer.Option(None, "--split-column"),
-    image_column: str | None = typer.Option(None, "--image-column"),
-    root: str | None = typer.Option(None, "--root"),
-    source_arg: list[str] | None = typer.Option(None, "--source-arg"),
+    path_column: PathColumn = None,
+    label_column: LabelColumn = None,
+    split_column: SplitColumn = None,
+    image_column: ImageColumn = None,
+    root: Root = None,
+    label_delimiter: LabelDelimiter = None,
+    source_arg: SourceArg = None,
 ) -> None:
     """Accuracy, per-class precision / recall and the confusion matrix."""
     from tlreg.predict import evaluate as run_eval
     from tlreg.predict import load_model
 
-    given = {k: v for k, v in locals().items() if k in SOURCE_OPTIONS and v is not None}
     report = run_eval(
         load_model(source, checkpoint=checkpoint), data, batch_size=batch_size, device=device,
-        source_args=given | parse_kv(source_arg, "source-arg"),
+        source_args=source_args(locals(), source_arg),
     )
     if as_json:
         print_json(report)

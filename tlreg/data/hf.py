@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tlreg.data.sources import DataSplit, Sample, checked_split, sort_labels, stratified_split
-from tlreg.errors import UsageError
+from tlreg.errors import UsageError, first_line
 
 VAL_NAMES = ("validation", "valid", "val")
 _EXTRA = "reading Hugging Face data sets needs the `datasets` package: pip install 'tlreg[hf]'"
@@ -95,14 +95,14 @@ def _load(datasets: Any, location: str) -> tuple[Any, dict[str, Any]]:
             raise
         except Exception as exc:  # datasets raises many kinds for unreadable local data
             raise UsageError(f"hf:{location}: `datasets` cannot read it: "
-                             f"{type(exc).__name__}: {_first_line(exc)}") from exc
+                             f"{type(exc).__name__}: {first_line(exc)}") from exc
     folder, sha = _snapshot(location)
     info |= {"revision": sha}
     try:
         return datasets.load_dataset(str(folder)), info
     except Exception as exc:
         raise UsageError(f"hf:{location} (commit {sha[:12]}): `datasets` cannot read it: "
-                         f"{type(exc).__name__}: {_first_line(exc)}") from exc
+                         f"{type(exc).__name__}: {first_line(exc)}") from exc
 
 
 def _snapshot(location: str) -> tuple[Path, str]:
@@ -203,6 +203,3 @@ def _samples(datasets: Any, ds: Any, image_column: str, label_column: str,
             samples.append(Sample(f"{where}/{i}", target, data=b""))
     return samples
 
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0]

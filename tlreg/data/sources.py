@@ -107,11 +107,11 @@ def open_source(location: str | os.PathLike[str], val_split: float | None, seed:
     plugin = find("source", name)
     builder = load(plugin)
     options = dict(options or {})
+    signature = inspect.signature(builder)
     try:  # the user's mistake (an option this source lacks) is told apart from the source's bug
-        inspect.signature(builder).bind(rest, val_split, seed, **options)
+        signature.bind(rest, val_split, seed, **options)
     except TypeError:
-        params = [p for p in inspect.signature(builder).parameters.values()
-                  if p.kind is p.KEYWORD_ONLY]
+        params = [p for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY]
         takes = ", ".join(p.name for p in params) or "no options"
         unknown = ", ".join(sorted(k for k in options if k not in {p.name for p in params}))
         raise UsageError(f"data source {plugin.name!r} does not take {unknown or 'these options'}"

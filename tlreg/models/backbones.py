@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tlreg.errors import WeightsError
+from tlreg.errors import WeightsError, first_line
 from tlreg.specs import BackboneSpec, StateDict
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def build_backbone(spec: BackboneSpec, *, name: str, pretrained: bool = True,
             offline = " (HF_HUB_OFFLINE is set)" if _offline() else ""
             raise WeightsError(
                 f"could not get pretrained weights for backbone {name!r} from timm's source "
-                f"{spec.arch!r}{offline}: {type(exc).__name__}: {_first_line(exc)}. "
+                f"{spec.arch!r}{offline}: {type(exc).__name__}: {first_line(exc)}. "
                 f"Supply them from a file with --weights FILE.safetensors (weights=... in Python), "
                 f"or use --no-pretrained"
             ) from exc
@@ -109,7 +109,7 @@ def load_backbone_state(model: nn.Module, state: StateDict, *, name: str, source
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches raise even with strict=False
         wrong = re.findall(r"size mismatch for ([^:]+):", str(exc))
-        detail = f"wrong shape for {_few(wrong)}" if wrong else _first_line(exc)
+        detail = f"wrong shape for {_few(wrong)}" if wrong else first_line(exc)
         raise WeightsError(
             f"weights for backbone {name!r} from {source} do not match "
             f"{model.pretrained_cfg.get('architecture')}: {detail}"
@@ -142,9 +142,6 @@ def _few(keys: list[str], n: int = 5) -> str:
     more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
 
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0]
 
 
 def _offline() -> bool:
