@@ -135,6 +135,9 @@ class Repo:
     repo_id: str
     private: bool
     created_at: str
+    # A gated repo: its info is public, its files only for the users in `granted`.
+    gated: bool = False
+    granted: set[str] = field(default_factory=set)
     branches: dict[str, str] = field(default_factory=dict)  # name (or refs/pr/N) -> commit id
     commits: dict[str, Commit] = field(default_factory=dict)
     next_pr: int = 1
@@ -350,7 +353,7 @@ def _repo_info(repo: Repo, commit: Commit) -> dict[str, Any]:
         "lastModified": commit.date,
         "createdAt": repo.created_at,
         "private": repo.private,
-        "gated": False,
+        "gated": "auto" if repo.gated else False,
         "disabled": False,
         "downloads": 0,
         "likes": 0,
@@ -652,6 +655,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _resolve(self, repo_type: str, repo_id: str, rev: str, path: str) -> _Reply:
         repo = self._repo(repo_type, repo_id)
+        if repo.gated and self.user not in repo.granted:  # as the Hub answers: typed GatedRepo
+            raise HubError(401 if self.user is None else 403,
+                           f"Access to {repo_type} {repo_id} is restricted and you are not in "
+                           "the authorized list. Visit its page to ask for access.", "GatedRepo")
         commit = repo.resolve(rev)
         data = commit.files.get(path)
         if data is None:
@@ -889,10 +896,13 @@ class LocalHub:
 
     # -- direct store access for tests ---------------------------------------------------------
 
-    def create_repo(self, repo_id: str, private: bool = False, *, repo_type: str = "model") -> str:
-        """Create ``namespace/name`` without HTTP; returns the initial commit id."""
+    def create_repo(self, repo_id: str, private: bool = False, *, repo_type: str = "model",
+                    gated: bool = False, granted: tuple[str, ...] = ()) -> str:
+        """Create ``namespace/name`` without HTTP; returns the initial commit id. A `gated` repo
+        serves its files only to the users in `granted`."""
         with self._store.lock:
             repo = self._store.create(repo_type, repo_id, private)
+            repo.gated, repo.granted = gated, set(granted)
             return repo.branches["main"]
 
     def put_file(

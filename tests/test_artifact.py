@@ -309,9 +309,9 @@ def test_tampered_tensor_file_is_a_checksum_error(random_artifact: Path) -> None
 
 
 def test_config_from_a_future_format_version_is_refused(random_artifact: Path) -> None:
-    rewrite_config(random_artifact, format_version=2, tlreg_version="9.0")
+    rewrite_config(random_artifact, format_version=3, tlreg_version="9.0")
     with pytest.raises(FormatVersionError,
-                       match=r"format version 2 is newer than this tlreg supports \(1\).*"
+                       match=r"format version 3 is newer than this tlreg supports \(2\).*"
                              r"pip install -U 'tlreg>=9.0'"):
         load_artifact(random_artifact)
 

@@ -230,6 +230,7 @@ def test_early_stopping_and_monitor_rules() -> None:
         EarlyStopping(0)
 
 
+@pytest.mark.slow  # a subprocess killed and resumed: 30 s on 2 cores
 def test_third_party_callback_state_survives_sigkill_and_resume(
         data: Path, tmp_path: Path, plugin_site: Any, cli: Any, tlreg_cmd: list[str]) -> None:
     plugin_site.add("tlreg-counter", {"tlreg.callbacks": {"counter": "tlreg_counter:Counter"}},

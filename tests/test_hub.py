@@ -234,7 +234,7 @@ def test_a_config_from_a_future_format_version_is_refused(hub: LocalHub, model,
     cfg["format_version"] = 99
     hub.put_file(REPO, CONFIG_FILE, json.dumps(cfg).encode())
     code, _, err = run_cli(monkeypatch, capsys, "pull", REPO)
-    assert code == 6 and "format version 99 is newer than this tlreg supports (1)" in err
+    assert code == 6 and "format version 99 is newer than this tlreg supports (2)" in err
     with pytest.raises(FormatVersionError):
         load_artifact(REPO)
 

@@ -25,7 +25,9 @@ def tlreg(args: list[str], env: dict[str, str]) -> str:
     return proc.stdout
 
 
-@pytest.mark.parametrize("policy", ["feature-extract", "finetune"])
+# The fine-tuned variant (40 s of subprocesses) runs with the slow end-to-end tests.
+@pytest.mark.parametrize("policy", ["feature-extract",
+                                    pytest.param("finetune", marks=pytest.mark.slow)])
 def test_train_push_delete_pull_predict(tmp_path: Path, policy: str) -> None:
     data = colour_folder(tmp_path / "data", per_class=6, val_per_class=3)
     images = str(data / "val")

@@ -117,7 +117,7 @@ BAD = [
     ("bad-split", "path,label,split\n{a},ants,train\n{b},bees,holdout\n", {},
      r"line 3: split 'holdout' is not one of train, val"),
     ("multi", "path,label,split\n{a},ants insect,train\n{b},bees,val\n",
-     {"label_delimiter": " "}, r"several labels .*multi-label training is not supported yet"),
+     {"label_delimiter": " ", "multi_label": False}, r"several labels .*drop --single-label"),
     ("most-missing", "path,label,split\nx.jpg,ants,train\ny.jpg,bees,val\n{a},ants,train\n", {},
      r"2 of the 3 files listed .* do not exist"),
     ("ragged", "path,label,split\n{a},ants\n", {}, r"line 2: 2 values for 3 columns"),

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hub_server import TEST_TOKEN, LocalHub
+from hub_server import TEST_TOKEN, TEST_USER, LocalHub
 from images import HYMENOPTERA, hymenoptera_subset
 
 from tlreg._io import read_checkpoint
 from tlreg.data.folder import folder
 from tlreg.data.sources import identity, open_source
-from tlreg.errors import HubConnectionError, HubNotFoundError, UsageError
+from tlreg.errors import HubAuthError, HubConnectionError, HubNotFoundError, UsageError
 
 datasets = pytest.importorskip("datasets")
 pytestmark = pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason="needs ../shared/data")
@@ -150,8 +150,10 @@ def hub(hf_env: Path, monkeypatch: pytest.MonkeyPatch, photos: Path,
         monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
                             local.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
         monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
-        for repo, private in ((REPO, False), (REPO + "-private", True)):
-            local.create_repo(repo, private, repo_type="dataset")
+        for repo, private in ((REPO, False), (REPO + "-private", True), (REPO + "-gated", False),
+                              (REPO + "-granted", False)):
+            local.create_repo(repo, private, repo_type="dataset", gated="-g" in repo,
+                              granted=(TEST_USER,) if repo.endswith("granted") else ())
             for name, ds in as_dataset_dict(photos).items():
                 ds.to_parquet(str(tmp_path / f"{name}.parquet"))
                 local.put_file(repo, f"data/{name}-00000-of-00001.parquet",
@@ -176,6 +178,14 @@ def test_a_hub_data_set_is_pinned_to_its_commit(hub: LocalHub, photos: Path,
     with pytest.raises(HubNotFoundError, match=f"repository {REPO}-private not found .*if it is "
                                                "private, use a token"):
         open_source(f"hf:{REPO}-private", None, 0)
+
+
+def test_a_gated_hub_data_set_needs_access(hub: LocalHub, monkeypatch: pytest.MonkeyPatch,
+                                           tmp_path: Path) -> None:
+    monkeypatch.setenv("HF_TOKEN", TEST_TOKEN)
+    with pytest.raises(HubAuthError, match=f"{REPO}-gated on .* is gated: request access"):
+        open_source(f"hf:{REPO}-gated", None, 0)
+    assert len(open_source(f"hf:{REPO}-granted", None, 0).train) == 12  # access granted
 
 
 def test_hub_token_and_offline_cache(hub: LocalHub, monkeypatch: pytest.MonkeyPatch) -> None:

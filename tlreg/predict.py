@@ -87,13 +87,16 @@ def predict(model: TransferModel, inputs: Sequence[str], *, top_k: int = 1,
             path_column: str = "path") -> list[dict[str, Any]]:
     """Top-k labels and probabilities per image; unreadable files get an `error` entry.
 
-    `inputs` are image files, folders, or tables listing files in `path_column`."""
+    `inputs` are image files, folders, or tables listing files in `path_column`. A multi-label
+    model's probabilities are independent sigmoids: each result also has `labels`, every label
+    whose probability reaches its threshold (tuned on val), and top-k still ranks them."""
     _check_options(batch_size, device, top_k)
     from tlreg.data.sources import Sample
 
     files = expand_inputs(inputs, path_column)
     logits, failed = _logits(model, [Sample(f, 0) for f in files], batch_size, device)
-    probs = logits.softmax(-1)
+    thresholds = multi_label_thresholds(model)
+    probs = logits.softmax(-1) if thresholds is None else logits.sigmoid()
     k = max(1, min(top_k, probs.shape[-1]))
     labels = model.info.label_names or tuple(str(i) for i in range(model.info.num_classes))
     results: list[dict[str, Any]] = []
@@ -104,11 +107,26 @@ def predict(model: TransferModel, inputs: Sequence[str], *, top_k: int = 1,
             results.append({"file": f, "error": "unreadable image"})
             continue
         p, idx = probs[row].topk(k)
-        results.append({"file": f, "logits": logits[row].tolist(), "predictions": [
+        result: dict[str, Any] = {"file": f, "logits": logits[row].tolist(), "predictions": [
             {"label": labels[j], "index": j, "probability": float(q)}
-            for q, j in zip(p.tolist(), idx.tolist(), strict=True)]})
+            for q, j in zip(p.tolist(), idx.tolist(), strict=True)]}
+        if thresholds is not None:
+            result["labels"] = [labels[j] for j, q in enumerate(probs[row].tolist())
+                                if q >= thresholds[j]]
+        results.append(result)
         row += 1
     return results
+
+
+def multi_label_thresholds(model: TransferModel) -> list[float] | None:
+    """A multi-label model's per-class thresholds (0.5 where none were tuned), else None."""
+    from tlreg.engine.objective import MULTI_LABEL
+
+    info = model.info
+    if info.problem_type != MULTI_LABEL:
+        return None
+    return list(info.thresholds) if len(info.thresholds) == info.num_classes else (
+        [0.5] * info.num_classes)
 
 
 def evaluate(model: TransferModel, data: str, *, batch_size: int = 32, device: str = "cpu",
@@ -119,27 +137,36 @@ def evaluate(model: TransferModel, data: str, *, batch_size: int = 32, device: s
     (a table with a split column, `hf:...`): its validation split is scored.
     """
     from tlreg.data.folder import scan_folder
-    from tlreg.data.sources import FOLDER, Sample, open_source, resolve
-    from tlreg.metrics import classification_report
+    from tlreg.data.sources import FOLDER, Sample, label_classes, multi_hot, open_source, resolve
+    from tlreg.metrics import classification_report, multilabel_report
 
     _check_options(batch_size, device)
     classes = model.info.label_names
     if not classes:
         raise UsageError("this model has no label names to match the data's labels against")
-    if resolve(data)[0] == FOLDER and not source_args:
+    thresholds = multi_label_thresholds(model)
+    if resolve(data)[0] == FOLDER and not source_args and thresholds is None:
         _, samples = scan_folder(Path(data), classes)
     else:
         split = open_source(data, None, 0, source_args)
-        unknown = sorted({split.classes[s.label] for s in split.val} - set(classes))
+        if split.multi_label and thresholds is None:
+            raise UsageError(f"{data} is multi-label and this model predicts one label per "
+                             "image; score it with a multi-label model")
+        names = [[split.classes[i] for i in label_classes(s.label)] for s in split.val]
+        unknown = sorted({n for row in names for n in row} - set(classes))
         if unknown:
             raise UsageError(f"{data} has labels the model was not trained on: "
                              f"{', '.join(map(repr, unknown))}")
         index = {c: i for i, c in enumerate(classes)}
-        samples = [Sample(s.path, index[split.classes[s.label]], s.data, s.key)
-                   for s in split.val]
+        samples = [Sample(s.path, multi_hot([index[n] for n in row], len(classes))
+                          if thresholds is not None else index[row[0]], s.data, s.key)
+                   for s, row in zip(split.val, names, strict=True)]
     logits, failed = _logits(model, samples, batch_size, device)
     bad = set(failed)
     labels = [s.label for i, s in enumerate(samples) if i not in bad]
-    report = classification_report(labels, logits.argmax(1).tolist(), classes)
+    if thresholds is not None:
+        report = multilabel_report(labels, logits.sigmoid().tolist(), classes, thresholds)
+    else:
+        report = classification_report(labels, logits.argmax(1).tolist(), classes)
     report["skipped"] = [samples[i].path for i in sorted(bad)]
     return report

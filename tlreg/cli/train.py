@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
 
 #: Options of the built-in sources that have their own flags; they go to `source_args`.
 SOURCE_OPTIONS = ("path_column", "label_column", "split_column", "image_column", "root",
-                  "label_delimiter")
+                  "label_delimiter", "multi_label")
 
 # Declared once, used by `train` and `eval` (both open a source).
 PathColumn = Annotated[str | None, typer.Option(
@@ -40,6 +40,10 @@ Root = Annotated[str | None, typer.Option(
     "--root", help="Folder the table's paths are relative to (default: the table's).")]
 LabelDelimiter = Annotated[str | None, typer.Option(
     "--label-delimiter", help="Separator of several labels in one cell (csv): multi-label.")]
+MultiLabel = Annotated[bool | None, typer.Option(
+    "--multi-label/--single-label",
+    help="Several labels per image: sigmoid outputs, BCE, thresholds tuned on val (default: "
+    "detected from the labels; csv and hf).")]
 SourceArg = Annotated[list[str] | None, typer.Option(
     "--source-arg", help="key=value for the data source (a plugin's options).")]
 
@@ -158,6 +162,7 @@ def train(
     image_column: ImageColumn = None,
     root: Root = None,
     label_delimiter: LabelDelimiter = None,
+    multi_label: MultiLabel = None,
     source_arg: SourceArg = None,
     img_size: int | None = typer.Option(None, "--img-size"),
     augment: bool | None = typer.Option(
@@ -260,7 +265,9 @@ def train(
     if not distributed.is_main():  # rank 0 reports for every process
         return
     typer.echo(
-        f"val accuracy {s['val_accuracy']:.4f} (best {s['best_val_accuracy']:.4f}) "
+        (f"val mAP {s['val_map']:.4f} (best {s['best_val_map']:.4f}), " if "val_map" in s
+         else "")
+        + f"val accuracy {s['val_accuracy']:.4f} (best {s['best_val_accuracy']:.4f}) "
         f"after {s['epochs']} epochs, {s['wall_seconds']:.1f}s; "
         f"{s['skipped_files']} files skipped -> {result.run_dir}"
         + (f" (stopped early: {s['stop_reason']})" if s.get("stopped_early") else "")
@@ -313,6 +320,7 @@ def evaluate(
     image_column: ImageColumn = None,
     root: Root = None,
     label_delimiter: LabelDelimiter = None,
+    multi_label: MultiLabel = None,
     source_arg: SourceArg = None,
 ) -> None:
     """Accuracy, per-class precision / recall and the confusion matrix."""
@@ -325,6 +333,17 @@ def evaluate(
     )
     if as_json:
         print_json(report)
+        return
+    if "map" in report:  # multi-label
+        typer.echo(f"mAP {report['map']:.4f}, F1 micro {report['f1_micro']:.4f} / macro "
+                   f"{report['f1_macro']:.4f}, exact match {report['accuracy']:.4f} on "
+                   f"{report['images']} images")
+        print_table(
+            ["class", "precision", "recall", "AP", "threshold", "support"],
+            [(c, f"{m['precision']:.3f}", f"{m['recall']:.3f}",
+              "-" if m["ap"] is None else f"{m['ap']:.3f}", f"{m['threshold']:.3f}",
+              m["support"]) for c, m in report["per_class"].items()],
+        )
         return
     typer.echo(f"accuracy {report['accuracy']:.4f} on {report['images']} images")
     print_table(
@@ -375,6 +394,16 @@ def predict(
     if as_json:
         print_json(results)
         return
+    if any("labels" in r for r in results):  # multi-label: every label over its threshold
+        print_table(
+            ["file", "labels", f"top {top_k}", "probability"],
+            [(r["file"], "error: " + r["error"], "", "") if "error" in r else (
+                r["file"], ", ".join(r["labels"]) or "-",
+                ", ".join(p["label"] for p in r["predictions"]),
+                ", ".join(f"{p['probability']:.3f}" for p in r["predictions"]))
+             for r in results],
+        )
+        return
     print_table(
         ["file", "label", "probability"],
         [
@@ -402,13 +431,16 @@ def _write_csv(path: Path, results: list[dict[str, Any]], top_k: int) -> None:
 
     buf = io.StringIO()
     writer = csv_mod.writer(buf)
-    writer.writerow(["file", "rank", "label", "probability", "error"])
+    multi = any("labels" in r for r in results)  # and whether each label is over its threshold
+    writer.writerow(["file", "rank", "label", "probability", "error"] + (["selected"] * multi))
     for r in results:
         if "error" in r:
-            writer.writerow([r["file"], "", "", "", r["error"]])
+            writer.writerow([r["file"], "", "", "", r["error"]] + ([""] * multi))
             continue
         for rank, p in enumerate(r["predictions"], 1):
-            writer.writerow([r["file"], rank, p["label"], f"{p['probability']:.6f}", ""])
+            selected = [int(p["label"] in r["labels"])] if multi else []
+            writer.writerow([r["file"], rank, p["label"], f"{p['probability']:.6f}", "",
+                             *selected])
     atomic_write_text(path, buf.getvalue())
 
 

@@ -25,7 +25,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tlreg.data.sources import DataSplit, Sample, checked_split, sort_labels, stratified_split
+from tlreg.data.sources import (
+    DataSplit,
+    Sample,
+    checked_split,
+    multi_hot,
+    sort_labels,
+    stratified_split,
+)
 from tlreg.errors import UsageError, first_line
 
 VAL_NAMES = ("validation", "valid", "val")
@@ -34,7 +41,8 @@ _EXTRA = "reading Hugging Face data sets needs the `datasets` package: pip insta
 
 def hf(location: str, val_split: float | None = None, seed: int = 0, *,
        image_column: str | None = None, label_column: str | None = None,
-       train: str = "train", val: str | None = None) -> DataSplit:
+       train: str = "train", val: str | None = None,
+       multi_label: bool | None = None) -> DataSplit:
     """Train and val samples of a `datasets` data set (see the module docstring)."""
     try:
         import datasets
@@ -59,13 +67,18 @@ def hf(location: str, val_split: float | None = None, seed: int = 0, *,
                          "val=NAME to validate on another split")
     first = splits[train]
     image_column = _image_column(datasets, first, image_column, location)
-    label_column, classes = _label_column(datasets, first, label_column, location)
+    label_column, classes, several = _label_column(datasets, first, label_column, location)
+    if several and multi_label is False:
+        raise UsageError(f"hf:{location}: column {label_column!r} holds lists of labels; drop "
+                         "--single-label to train a multi-label model")
+    multi = several or bool(multi_label)
     if classes is None:  # plain values: the classes are the labels seen in train and val
-        seen = {str(v) for name in (train, val_name) if name for v in splits[name][label_column]}
+        seen = {str(v) for name in (train, val_name) if name
+                for v in _values(splits[name][label_column], several)}
         classes = sort_labels(seen)
     where = f"hf:{location}"
     parts = {name: _samples(datasets, splits[name], image_column, label_column, classes,
-                            f"{where}/{name}") for name in (train, val_name) if name}
+                            f"{where}/{name}", multi) for name in (train, val_name) if name}
     train_samples, val_samples = parts[train], parts.get(val_name or "", [])
     if val_name is None:
         train_samples, val_samples = stratified_split(train_samples, val_split or 0.2, seed)
@@ -152,11 +165,17 @@ def _image_column(datasets: Any, ds: Any, name: str | None, location: str) -> st
     return found[0]
 
 
+def _values(column: Any, several: bool) -> list[Any]:
+    return [v for row in column for v in row] if several else list(column)
+
+
 def _label_column(datasets: Any, ds: Any, name: str | None,
-                  location: str) -> tuple[str, tuple[str, ...] | None]:
-    """The label column and, for a ClassLabel, its names (None: classes from the values)."""
+                  location: str) -> tuple[str, tuple[str, ...] | None, bool]:
+    """(label column, a ClassLabel's names or None for classes from the values, whether each
+    row holds a list of labels: a `Sequence` / `List` of them is multi-label)."""
     if name is None:
-        name = next((n for n, f in ds.features.items() if isinstance(f, datasets.ClassLabel)),
+        name = next((n for n, f in ds.features.items()
+                     if isinstance(getattr(f, "feature", f), datasets.ClassLabel)),
                     next((n for n in ("label", "labels") if n in ds.features), None))
         if name is None:
             raise UsageError(f"hf:{location} has no label column (its columns: "
@@ -164,29 +183,38 @@ def _label_column(datasets: Any, ds: Any, name: str | None,
     if name not in ds.features:
         raise UsageError(f"hf:{location} has no column {name!r} (its columns: {_columns(ds)})")
     feature = ds.features[name]
+    inner = getattr(feature, "feature", None)  # Sequence(...) / List(...): labels per row
+    several = inner is not None and not isinstance(feature, dict)
+    if several:
+        feature = inner
     if isinstance(feature, datasets.ClassLabel):
-        return name, tuple(feature.names)
+        return name, tuple(feature.names), several
     if not isinstance(feature, datasets.Value):
-        raise UsageError(f"hf:{location}: column {name!r} is {type(feature).__name__}; "
-                         "multi-label training is not supported yet, one label per image")
-    return name, None
+        raise UsageError(f"hf:{location}: column {name!r} is {type(ds.features[name]).__name__}"
+                         "; labels must be a ClassLabel, a value, or a list of either")
+    return name, None, several
 
 
 def _samples(datasets: Any, ds: Any, image_column: str, label_column: str,
-             classes: tuple[str, ...], where: str) -> list[Sample]:
+             classes: tuple[str, ...], where: str, multi: bool = False) -> list[Sample]:
     feature = ds.features[image_column]
     if isinstance(feature, datasets.Image):
         ds = ds.cast_column(image_column, datasets.Image(decode=False))
-    labelled = isinstance(ds.features[label_column], datasets.ClassLabel)
+    feature = ds.features[label_column]
+    labelled = isinstance(getattr(feature, "feature", feature), datasets.ClassLabel)
     index = {c: i for i, c in enumerate(classes)}
     samples = []
     for i, (image, label) in enumerate(zip(ds[image_column], ds[label_column], strict=True)):
-        if label is None or (not labelled and str(label) == ""):
+        values = label if isinstance(label, list) else [label]
+        if label is None or not values or any(v is None or (not labelled and str(v) == "")
+                                              for v in values):
             raise UsageError(f"{where} row {i}: empty label ({label_column!r})")
-        target = int(label) if labelled else index[str(label)]
-        if not 0 <= target < len(classes):  # datasets marks unlabelled rows (test splits) -1
+        found = [int(v) if labelled else index[str(v)] for v in values]
+        if not all(0 <= t < len(classes) for t in found):  # datasets marks unlabelled rows -1
             raise UsageError(f"{where} row {i} has no label ({label_column!r} is {label}); "
                              "train and validate on labelled splits")
+        target: int | tuple[int, ...] = (multi_hot(found, len(classes)) if multi
+                                         else found[0])
         if isinstance(image, dict):  # Image(decode=False): {"bytes": ..., "path": ...}
             data, path = image.get("bytes"), image.get("path")
         elif isinstance(image, bytes | bytearray):

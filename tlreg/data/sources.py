@@ -13,7 +13,8 @@ The contract, for every source::
 
 - `DataSplit(classes, train, val)`: `classes` are the label names in label order (at least
   two); `train` and `val` are tuples of `Sample(path, label)`, `path` a local image file that
-  `tlreg.data.images.load_rgb` decodes and `label` an index into `classes`.
+  `tlreg.data.images.load_rgb` decodes and `label` an index into `classes`, or for a
+  multi-label data set a 0/1 tuple with one entry per class (`multi_hot`).
 - `val_split` is the fraction of each class to hold out when the data has no validation
   split of its own (None: use the source's own split, or raise a `UsageError` saying the data
   has none); `seed` makes that hold-out the same on every run.
@@ -52,7 +53,8 @@ FOLDER = "tlreg:folder"
 
 @dataclass(frozen=True)
 class Sample:
-    """One image and its label (an index into `DataSplit.classes`).
+    """One image and its label: an index into `DataSplit.classes`, or (multi-label) a 0/1
+    tuple with one entry per class, so `torch.tensor([s.label ...])` is the target either way.
 
     A file on disk is just its `path`. An image held in memory (an Arrow row, a download) also
     carries its encoded bytes as `data`, and `path` is only its name in messages and records
@@ -60,7 +62,7 @@ class Sample:
     """
 
     path: str
-    label: int
+    label: int | tuple[int, ...]
     data: bytes | None = field(default=None, repr=False, compare=False)
     key: str = ""
 
@@ -95,6 +97,12 @@ class DataSplit:
     train: tuple[Sample, ...]
     val: tuple[Sample, ...]
     info: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether labels are 0/1 tuples (any number of classes per image)."""
+        first = self.train[0] if self.train else self.val[0] if self.val else None
+        return first is not None and isinstance(first.label, tuple)
 
 
 def open_source(location: str | os.PathLike[str], val_split: float | None, seed: int,
@@ -169,13 +177,33 @@ def stratified_split(samples: Sequence[Sample], fraction: float, seed: int) -> t
     rng = random.Random(seed)
     train: list[Sample] = []
     val: list[Sample] = []
-    for label in sorted({s.label for s in samples}):
-        group = [s for s in samples if s.label == label]
+    strata = [_stratum(s.label) for s in samples]
+    for label in sorted(set(strata)):
+        group = [s for s, k in zip(samples, strata, strict=True) if k == label]
         rng.shuffle(group)
         n_val = min(len(group) - 1, max(1, math.ceil(len(group) * fraction)))
         val += group[:n_val]
         train += group[n_val:]
     return sorted(train, key=lambda s: s.path), sorted(val, key=lambda s: s.path)
+
+
+def _stratum(label: int | tuple[int, ...]) -> int:
+    """A class, or for a multi-label row its first label (-1 for none): images that share a
+    stratum are split together."""
+    if isinstance(label, int):
+        return label
+    return next((i for i, v in enumerate(label) if v), -1)
+
+
+def multi_hot(indices: Sequence[int], num_classes: int) -> tuple[int, ...]:
+    """The 0/1 label of a multi-label sample from its class indices."""
+    chosen = set(indices)
+    return tuple(int(i in chosen) for i in range(num_classes))
+
+
+def label_classes(label: int | tuple[int, ...]) -> list[int]:
+    """The class indices a label names (one, or a multi-label row's ones)."""
+    return [label] if isinstance(label, int) else [i for i, v in enumerate(label) if v]
 
 
 def sort_labels(labels: set[str] | Sequence[str]) -> tuple[str, ...]:
@@ -193,9 +221,10 @@ def checked_split(where: str, classes: Sequence[str], train: Sequence[Sample],
         raise UsageError(f"{where} has {len(classes)} class{'es' if len(classes) != 1 else ''}"
                          f"{f' ({classes[0]!r})' if classes else ''}; classification needs two "
                          "or more")
-    seen = {s.label for s in train}
+    seen = {i for s in train for i in label_classes(s.label)}
     empty = [c for i, c in enumerate(classes) if i not in seen]
-    only_val = sorted({classes[s.label] for s in val} - {classes[i] for i in seen})
+    only_val = sorted({classes[i] for s in val for i in label_classes(s.label)}
+                      - {classes[i] for i in seen})
     if only_val:
         raise UsageError(f"{where}: label{'s' if len(only_val) > 1 else ''} "
                          f"{', '.join(map(repr, only_val))} appear in val but not in train")

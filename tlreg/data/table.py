@@ -6,6 +6,10 @@ table's folder, or to `root`), a label column, and either a split column (`train
 `val_split`. A column named `split` is used without being named. Class names are the labels,
 sorted (numerically when every label is an integer), and the run keeps them.
 
+Multi-label, like fastai's `label_delim`: with `label_delimiter`, a cell holds several labels
+(`"ant outdoor"`), and the data set is multi-label when any row has more than one (or always,
+with `multi_label=True`; `False` makes several labels an error). Labels are then 0/1 rows.
+
 Every problem is one error before training starts, naming the table and the line: a missing
 column (with the columns there are), an empty path or label, a path listed twice, a label in
 val that train lacks, a file that is not UTF-8. A row whose file is missing is skipped and
@@ -25,6 +29,7 @@ from tlreg.data.sources import (
     DataSplit,
     Sample,
     checked_split,
+    multi_hot,
     sort_labels,
     stratified_split,
 )
@@ -36,7 +41,8 @@ SPLIT_VALUES = {"train": "train", "val": "val", "valid": "val", "validation": "v
 
 def csv(location: str, val_split: float | None = None, seed: int = 0, *,
         path_column: str = "path", label_column: str = "label", split_column: str | None = None,
-        root: str | None = None, label_delimiter: str | None = None) -> DataSplit:
+        root: str | None = None, label_delimiter: str | None = None,
+        multi_label: bool | None = None) -> DataSplit:
     """Train and val samples listed in the table at `location` (see the module docstring)."""
     table = Path(location).expanduser()
     if not table.is_file():
@@ -56,7 +62,7 @@ def csv(location: str, val_split: float | None = None, seed: int = 0, *,
                          "fraction of each class, or --split-column NAME (values train / val)")
     base = Path(root).expanduser() if root else table.parent
     seen: dict[Path, int] = {}
-    kept: list[tuple[str, str, str]] = []  # (path, label, split)
+    kept: list[tuple[str, tuple[str, ...], str]] = []  # (path, labels, split)
     missing: list[str] = []
     tests = 0
     for line, row in rows:
@@ -65,9 +71,13 @@ def csv(location: str, val_split: float | None = None, seed: int = 0, *,
             raise UsageError(f"{table} line {line}: the path ({path_column!r}) is empty")
         if not label:
             raise UsageError(f"{table} line {line}: {rel} has an empty label ({label_column!r})")
-        if label_delimiter and len([t for t in label.split(label_delimiter) if t.strip()]) > 1:
-            raise UsageError(f"{table} line {line}: {rel} has several labels ({label!r}); "
-                             "multi-label training is not supported yet")
+        tokens = tuple(sorted({t.strip() for t in label.split(label_delimiter)} - {""}
+                              if label_delimiter else {label}))
+        if not tokens:
+            raise UsageError(f"{table} line {line}: {rel} has an empty label ({label_column!r})")
+        if len(tokens) > 1 and multi_label is False:
+            raise UsageError(f"{table} line {line}: {rel} has several labels ({label!r}); drop "
+                             "--single-label to train a multi-label model")
         path = base / rel
         ident = path.resolve()
         if ident in seen:
@@ -87,7 +97,7 @@ def csv(location: str, val_split: float | None = None, seed: int = 0, *,
         if not path.is_file():
             missing.append(rel)
             continue
-        kept.append((str(path), label, split))
+        kept.append((str(path), tokens, split))
     listed = len(kept) + len(missing)
     if not listed:
         raise UsageError(f"{table} lists no training or validation images")
@@ -98,10 +108,15 @@ def csv(location: str, val_split: float | None = None, seed: int = 0, *,
     if missing:
         warnings.warn(f"skipped {len(missing)} rows of {table} whose files do not exist "
                       f"(first: {base / missing[0]})", stacklevel=2)
-    classes = sort_labels({label for _, label, _ in kept})
+    classes = sort_labels({t for _, tokens, _ in kept for t in tokens})
     index = {c: i for i, c in enumerate(classes)}
-    train = [Sample(p, index[lb]) for p, lb, s in kept if s == "train"]
-    val = [Sample(p, index[lb]) for p, lb, s in kept if s == "val"]
+    multi = multi_label if multi_label is not None else any(len(t) > 1 for _, t, _ in kept)
+
+    def target(tokens: tuple[str, ...]) -> int | tuple[int, ...]:
+        return multi_hot([index[t] for t in tokens], len(classes)) if multi else index[tokens[0]]
+
+    train = [Sample(p, target(t)) for p, t, s in kept if s == "train"]
+    val = [Sample(p, target(t)) for p, t, s in kept if s == "val"]
     if val_split is not None:
         train, val = stratified_split(train, val_split, seed)
     info = {"source": "csv", "table": str(table), "sha256": _sha256(table), "rows": len(rows),

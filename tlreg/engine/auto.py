@@ -47,10 +47,14 @@ class Decision:
 
 
 def decide(*, train_images: int, smallest_class: int, probe_accuracy: float | None,
-           num_stages: int) -> Decision:
+           num_stages: int, multi_label: bool = False) -> Decision:
     """Feature extraction, the top half of the stages, or all of them."""
     measured = {"train_images": train_images, "smallest_class": smallest_class,
                 "probe_cv_accuracy": probe_accuracy, "num_stages": num_stages}
+    if multi_label:  # the thresholds below are single-label accuracies; none was measured here
+        return Decision("feature-extract", {}, (
+            "feature-extract: multi-label data (auto's rules were measured on single-label "
+            "accuracy); pass --policy finetune or partial to train the backbone"), measured)
     probe = "no CV" if probe_accuracy is None else f"{probe_accuracy:.3f}"
     if train_images < MIN_TRAIN_IMAGES or smallest_class < MIN_CLASS_IMAGES:
         return Decision("feature-extract", {}, (

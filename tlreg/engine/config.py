@@ -78,7 +78,7 @@ class TrainConfig:
     quiet: bool = False
     resume_anyway: bool = False  # --resume on a changed file list (never on changed classes)
     # Which epoch is best (checkpoints/best, what `tlreg export` ships) and when to stop
-    monitor: str = "val_accuracy"
+    monitor: str | None = None  # None: val_accuracy (val_map for a multi-label data set)
     min_delta: float = 0.0  # an epoch is better only by more than this
     early_stopping: int | None = None  # patience in epochs; None: run every epoch
     callbacks: list[str] = field(default_factory=list)  # tlreg.callbacks entry points
@@ -91,7 +91,8 @@ class TrainConfig:
         for name, (low, high, closed) in _RANGES.items():
             _in_range(name, getattr(self, name), low, high, closed)
         _choice("scheduler", self.scheduler, tuple(SCHEDULERS))
-        _choice("monitor", self.monitor, tuple(MONITORS))
+        if self.monitor is not None:
+            _choice("monitor", self.monitor, tuple(MONITORS))
         _choice("solver", self.solver, SOLVERS)
         _choice("precision", self.precision, PRECISIONS)
         _choice("lr_scaling", self.lr_scaling, LR_SCALINGS)

@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from tlreg.engine import distributed, replicas
+from tlreg.engine import distributed, objective, replicas
 
 if TYPE_CHECKING:
     import torch
 
     from tlreg.data.sources import DataSplit
     from tlreg.engine.inputs import Inputs
+    from tlreg.engine.objective import Evaluation
     from tlreg.models.transfer import TransferModel
 
 
@@ -47,15 +48,15 @@ class FeatureFeed:
 
         return -(-len(order) // step), batches()
 
-    def evaluate(self) -> tuple[float, list[int], list[int]]:
+    def evaluate(self) -> Evaluation:
         import torch
 
-        loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=self.smoothing)
         self.head.eval()
         with torch.inference_mode():
-            logits = self.head(self.x_val)
-            loss = loss_fn(logits, self.y_val).item() if len(self.y_val) else float("nan")
-            return loss, self.y_val.tolist(), logits.argmax(1).tolist()
+            logits, y = self.head(self.x_val), self.y_val
+            loss = (objective.loss(logits, y, self.smoothing).item() if len(y)
+                    else float("nan"))
+            return loss, y.tolist(), objective.outputs(logits, y).tolist()
 
 
 class ImageFeed:
@@ -101,5 +102,5 @@ class ImageFeed:
 
         return total, on_device()
 
-    def evaluate(self) -> tuple[float, list[int], list[int]]:
+    def evaluate(self) -> Evaluation:
         return self.inputs.evaluate(self.model, self.data.val, self.smoothing)

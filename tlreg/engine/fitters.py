@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from tlreg.engine import objective
 from tlreg.engine.loop import EpochStats
 
 if TYPE_CHECKING:
     import torch
 
     from tlreg.engine.feeds import FeatureFeed
+    from tlreg.engine.objective import Evaluation
     from tlreg.engine.solver import HeadFit
 
 
@@ -40,14 +42,13 @@ class CrossValidated:
             earlier = self.result.seconds
         head, x, y = self.feed.head, self.feed.x_train, self.feed.y_train
         head.eval()
-        loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=self.smoothing)
         with torch.inference_mode():
             logits = head(x)
-            loss = loss_fn(logits, y).item()
-            accuracy = (logits.argmax(1) == y).float().mean().item()
+            loss = objective.loss(logits, y, self.smoothing).item()
+            accuracy = objective.correct(logits, y).item() / max(1, len(y))
         return EpochStats(loss, accuracy, len(x), extra_seconds=earlier)
 
-    def evaluate(self) -> tuple[float, list[int], list[int]]:
+    def evaluate(self) -> Evaluation:
         return self.feed.evaluate()
 
 
@@ -68,7 +69,6 @@ class LBFGS:
 
     def train_epoch(self, epoch: int, seed: int, progress: Any) -> EpochStats:
         import torch
-        import torch.nn.functional as F
 
         head, x, y = self.feed.head, self.feed.x_train, self.feed.y_train
         head.train()
@@ -76,7 +76,7 @@ class LBFGS:
 
         def closure() -> torch.Tensor:
             self.optimizer.zero_grad()
-            loss = F.cross_entropy(head(x), y, label_smoothing=self.smoothing)
+            loss = objective.loss(head(x), y, self.smoothing)
             loss = loss + 0.5 * self.weight_decay * weight.pow(2).sum()
             loss.backward()
             return loss
@@ -84,8 +84,8 @@ class LBFGS:
         self.optimizer.step(closure)
         with torch.no_grad():
             logits = head(x)
-            return EpochStats(F.cross_entropy(logits, y).item(),
-                              (logits.argmax(1) == y).float().mean().item(), len(x))
+            return EpochStats(objective.loss(logits, y).item(),
+                              objective.correct(logits, y).item() / max(1, len(y)), len(x))
 
-    def evaluate(self) -> tuple[float, list[int], list[int]]:
+    def evaluate(self) -> Evaluation:
         return self.feed.evaluate()

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from tlreg.engine import distributed, sharding
+from tlreg.engine import distributed, objective, sharding
 from tlreg.errors import UsageError
 
 if TYPE_CHECKING:
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from tlreg.data.decoded import DecodedImages
     from tlreg.data.sources import DataSplit, Sample
     from tlreg.engine.config import TrainConfig
+    from tlreg.engine.objective import Evaluation
     from tlreg.engine.runtime import Runtime
     from tlreg.models.transfer import TransferModel
 
@@ -165,23 +166,25 @@ class Inputs:
         return len(loader), from_files()
 
     def evaluate(self, model: TransferModel, samples: Sequence[Sample],
-                 smoothing: float) -> tuple[float, list[int], list[int]]:
-        """(mean loss, labels, predictions) over every sample, gathered from all ranks."""
+                 smoothing: float) -> Evaluation:
+        """(mean loss, labels, outputs) over every sample, gathered from all ranks."""
         import torch
-        import torch.nn.functional as F
 
         rt = self.runtime
         model.eval()
-        rows: list[torch.Tensor] = []  # (sample index, label, prediction)
+        rows: list[torch.Tensor] = []  # (sample index, label(s), output(s))
         losses: list[torch.Tensor] = []
         _, batches = self.batches(samples, train=False, seed=self.config.seed)
         with torch.inference_mode(), rt.autocast():
             for images, y_cpu, idx in batches:
                 y = y_cpu.to(rt.device)
                 logits = model(rt.to_device(images)).float()
-                losses.append(F.cross_entropy(logits, y, reduction="none",
-                                              label_smoothing=smoothing))
-                rows.append(torch.stack([idx.to(rt.device), y, logits.argmax(1)], 1))
+                losses.append(objective.loss(logits, y, smoothing, reduction="none"))
+                out = objective.outputs(logits, y)
+                # One row per sample; multi-label rows are float (indices below 2**24 are exact).
+                rows.append(torch.cat([idx.to(rt.device)[:, None].to(out.dtype),
+                                       y.reshape(len(y), -1).to(out.dtype),
+                                       out.reshape(len(y), -1)], 1))
         table = torch.cat(rows) if rows else torch.empty(0, 3, dtype=torch.long,
                                                          device=rt.device)
         loss = torch.cat(losses) if losses else torch.empty(0, device=rt.device)
@@ -189,8 +192,12 @@ class Inputs:
         _, table, loss = sharding.gather_by_index(table[:, 0], table, loss)
         if len(table) == 0:
             require_readable(samples, len(samples))
-        return (loss.sum().item() / max(1, len(loss)), table[:, 1].tolist(),
-                table[:, 2].tolist())
+        width = (table.shape[1] - 1) // 2
+        labels, outs = table[:, 1:1 + width], table[:, 1 + width:]
+        mean = loss.sum().item() / max(1, len(loss))
+        if not table.is_floating_point():  # single-label: one column each
+            return mean, labels[:, 0].tolist(), outs[:, 0].tolist()
+        return mean, labels.long().tolist(), outs.tolist()
 
     # -- the frozen feature pass -------------------------------------------------------------
 

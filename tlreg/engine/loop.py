@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from tlreg.engine import distributed
+from tlreg.engine import distributed, objective
+from tlreg.engine.objective import Evaluation
 
 if TYPE_CHECKING:
     import torch
@@ -42,7 +43,7 @@ class Fitter(Protocol):
 
     def train_epoch(self, epoch: int, seed: int, progress: Any) -> EpochStats: ...
 
-    def evaluate(self) -> tuple[float, list[int], list[int]]: ...
+    def evaluate(self) -> Evaluation: ...
 
 
 class Feed(Protocol):
@@ -56,7 +57,7 @@ class Feed(Protocol):
 
     def train_batches(self, epoch: int, seed: int) -> tuple[int, Batches]: ...
 
-    def evaluate(self) -> tuple[float, list[int], list[int]]: ...
+    def evaluate(self) -> Evaluation: ...
 
 
 class SGD:
@@ -72,8 +73,7 @@ class SGD:
 
         self.feed, self.optimizer, self.scheduler = feed, optimizer, scheduler
         self.per_step, self.runtime, self.on_step = per_step, runtime, on_step
-        self.epochs = epochs
-        self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.epochs, self.smoothing = epochs, label_smoothing
         fp16 = runtime is not None and runtime.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(enabled=fp16)
 
@@ -93,7 +93,7 @@ class SGD:
         for step, (x, y) in enumerate(batches):
             with self._autocast():
                 logits = forward(x)
-                loss = self.loss_fn(logits, y)
+                loss = objective.loss(logits, y, self.smoothing)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -106,7 +106,7 @@ class SGD:
                 correct = torch.zeros((), device=device, dtype=torch.long)
             n = len(y)
             loss_sum += loss.detach() * n
-            correct += (logits.detach().argmax(1) == y).sum()
+            correct += objective.correct(logits.detach(), y)
             seen += n
             if self.on_step is not None:
                 self.on_step(step, loss.detach())
@@ -119,5 +119,5 @@ class SGD:
             seen, loss_total, n_correct = distributed.sum_all(seen, loss_total, n_correct)
         return EpochStats(loss_total / max(1, seen), n_correct / max(1, seen), int(seen))
 
-    def evaluate(self) -> tuple[float, list[int], list[int]]:
+    def evaluate(self) -> Evaluation:
         return self.feed.evaluate()

@@ -72,8 +72,10 @@ def probe_phase(t: Trainer, data: DataSplit) -> None:
     t.feature_seconds = time.perf_counter() - t0
     initial = {k: v.clone() for k, v in t.model.head.state_dict().items()}
     fit = fit_head(t, x, y)
-    if t.auto:
-        decide(t, data, torch.bincount(y, minlength=len(data.classes)), fit)
+    if t.auto:  # images per class (multi-label: positives per class)
+        counts = (y.sum(0) if data.multi_label
+                  else torch.bincount(y, minlength=len(data.classes)))
+        decide(t, data, counts, fit, len(y))
     if t.use_features and t.config.solver == "cv":
         t.head_fit = fit  # auto chose feature extraction: this fit is the run's
     elif not t.use_features and t.config.lp_ft:
@@ -99,6 +101,8 @@ def measure_augment(t: Trainer, data: DataSplit) -> None:
     user = {k: getattr(cfg, k) for k in ("crop_scale", "hflip", "color_jitter")
             if getattr(cfg, k) is not None}
     cannot = unsupported(t.data_config)
+    if data.multi_label:  # the check compares top-1 predictions with one label per image
+        cannot = cannot or "multi-label data"
     why = "as set" if len(user) == 3 else cannot and f"not measured: {cannot}"
     positions = spread([s.label for s in data.train], AUGMENT_SAMPLE, cfg.seed)
     decoded = None if why else t.inputs.decode_images([data.train[i] for i in positions],
@@ -125,14 +129,16 @@ def measure_augment(t: Trainer, data: DataSplit) -> None:
     t.say(f"augmentation: {a.reason}")
 
 
-def decide(t: Trainer, data: DataSplit, counts: torch.Tensor, fit: HeadFit) -> None:
+def decide(t: Trainer, data: DataSplit, counts: torch.Tensor, fit: HeadFit,
+           images: int) -> None:
     """`--policy auto`: the policy from the data's size and the probe, then the plan again."""
     from tlreg.engine.auto import decide as choose
     from tlreg.models.transfer import resolve_policy
 
     model = t.model
-    d = choose(train_images=int(counts.sum()), smallest_class=int(counts.min()),
-               probe_accuracy=fit.cv_accuracy, num_stages=model.num_stages)
+    d = choose(train_images=images, smallest_class=int(counts.min()),
+               probe_accuracy=fit.cv_accuracy, num_stages=model.num_stages,
+               multi_label=data.multi_label)
     args = lp_ft_args(t.requested, d.policy, {
         **d.policy_args,
         **{k: v for k, v in t.requested.policy_args.items() if k in ("frozen_bn",)}})

@@ -68,6 +68,12 @@ def write_summary(t: Trainer, data: DataSplit, wall: float, status: str) -> dict
         "feature_seconds": t.feature_seconds,
         "wall_seconds": wall,
     }
+    if data.multi_label:
+        best = t.best_row()
+        summary |= {"problem_type": t.model.info.problem_type,
+                    "val_map": last.get("val_map"), "best_val_map": best.get("val_map"),
+                    "best_val_f1_macro": best.get("val_f1_macro"),
+                    "thresholds": dict(zip(data.classes, t.best_thresholds or (), strict=False))}
     summary.update(choices(t))
     if t.config.compile:
         summary["compile_seconds"] = sum(h.get("compile_seconds", 0.0) for h in t.history)
@@ -124,7 +130,9 @@ def save_last(t: Trainer, epoch: int) -> None:
                          "skipped": sorted(t.inputs.skipped),
                          "wall_seconds": sum(h["seconds"] for h in t.history),
                          "callbacks": t.callbacks.state_dict(),
-                         "stop_reason": t.stop_reason})
+                         "stop_reason": t.stop_reason,
+                         **({"thresholds": t.thresholds, "best_thresholds": t.best_thresholds}
+                            if t.thresholds else {})})
 
 
 def checkpoint_tensors(t: Trainer) -> tuple[dict[str, torch.Tensor], Path | None]:
@@ -159,5 +167,8 @@ def load_last(t: Trainer) -> None:
     t._previous_wall = state.get("wall_seconds", 0.0)
     t.callbacks.load_state_dict(state.get("callbacks") or {})
     t.stop_reason = state.get("stop_reason")
+    t.thresholds, t.best_thresholds = state.get("thresholds"), state.get("best_thresholds")
+    if t.thresholds:
+        t._set_thresholds(t.thresholds)
     if t.start_epoch >= t.config.epochs or t.stop_reason:
         t.say(f"{t.run_dir} already finished {t.start_epoch} epochs")

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tlreg.engine import objective
+
 __all__ = [
     "DEFAULT_CS",
     "HeadFit",
@@ -76,16 +78,31 @@ class HeadFit:
 
 
 def stratified_folds(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
-    """Fold id (0..k-1) per sample: each class is shuffled (seeded) and dealt round-robin."""
+    """Fold id (0..k-1) per sample: each class is shuffled (seeded) and dealt round-robin.
+
+    Multi-label rows are dealt by their rarest label, so each class's images spread over the
+    folds (a simple form of iterative stratification).
+    """
     gen = torch.Generator().manual_seed(seed)
+    labels = _strata(labels.cpu())
     fold = torch.empty(len(labels), dtype=torch.long)
     offset = 0
-    for c in torch.unique(labels.cpu()).tolist():
-        idx = torch.nonzero(labels.cpu() == c).flatten()
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
         idx = idx[torch.randperm(len(idx), generator=gen)]
         fold[idx] = (torch.arange(len(idx)) + offset) % k
         offset += len(idx)  # classes start where the last left off: folds stay balanced
     return fold
+
+
+def _strata(labels: torch.Tensor) -> torch.Tensor:
+    """One stratum per sample: its class, or its rarest label (-1: none) for 0/1 rows."""
+    if not objective.is_multi_label(labels):
+        return labels
+    counts = labels.sum(0).float()
+    rarity = torch.where(labels.bool(), counts, torch.full_like(counts, math.inf))
+    rarest = rarity.argmin(1)
+    return torch.where(labels.bool().any(1), rarest, torch.full_like(rarest, -1))
 
 
 def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,8 +116,17 @@ def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def logistic_objective(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                        C: float, label_smoothing: float = 0.0) -> torch.Tensor:
-    """scikit-learn's multinomial objective divided by C*n: mean CE + |W|^2 / (2 C n)."""
-    ce = F.cross_entropy(x @ w.T + b, y, label_smoothing=label_smoothing)
+    """scikit-learn's objective divided by C*n: mean loss + |W|^2 / (2 C n).
+
+    Multinomial for class indices; for 0/1 rows, one-vs-rest (`OneVsRestClassifier`'s sum of
+    per-class binary objectives, each with the same C).
+    """
+    logits = x @ w.T + b
+    if objective.is_multi_label(y):
+        data = F.binary_cross_entropy_with_logits(
+            logits, objective.smoothed(y, label_smoothing).to(x.dtype), reduction="sum")
+        return data / len(x) + w.pow(2).sum() / (2 * C * len(x))
+    ce = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
     return ce + w.pow(2).sum() / (2 * C * len(x))
 
 
@@ -108,7 +134,11 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, *
                  label_smoothing: float = 0.0,
                  init: tuple[torch.Tensor, torch.Tensor] | None = None, max_iter: int = 1000,
                  tol: float = 1e-9) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(W, b, iterations) minimising `logistic_objective` by L-BFGS, in x's dtype and device."""
+    """(W, b, iterations) minimising `logistic_objective` by L-BFGS, in x's dtype and device.
+
+    `y`: class indices (softmax), or 0/1 rows (independent sigmoids); the gradient has the
+    same form for both, (p - q) x / n.
+    """
     d = x.shape[1]
     if init is None:
         theta = torch.zeros(num_classes * (d + 1), dtype=x.dtype, device=x.device)
@@ -119,9 +149,12 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, *
                             tolerance_grad=tol, tolerance_change=1e-14,
                             line_search_fn="strong_wolfe")
     n = len(x)
-    # Soft targets (label smoothing included): the loss is -sum(q log p) / n.
-    q = F.one_hot(y, num_classes).to(x.dtype) * (1 - label_smoothing) + (
-        label_smoothing / num_classes)
+    multi = objective.is_multi_label(y)
+    # Soft targets (label smoothing included): the loss is -sum(q log p) / n (for sigmoids,
+    # summed with the negatives' -(1 - q) log(1 - p)).
+    q = (objective.smoothed(y, label_smoothing).to(x.dtype) if multi else
+         F.one_hot(y, num_classes).to(x.dtype) * (1 - label_smoothing)
+         + label_smoothing / num_classes)
 
     def unpack(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return t[:num_classes * d].view(num_classes, d), t[num_classes * d:]
@@ -131,9 +164,15 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, *
         # than the two matmuls on these small problems. Checked against autograd in the tests.
         with torch.no_grad():
             w, b = unpack(theta)
-            logp = (x @ w.T + b).log_softmax(1)
-            loss = -(q * logp).sum() / n + w.pow(2).sum() / (2 * C * n)
-            g = (logp.exp() - q) / n
+            z = x @ w.T + b
+            if multi:
+                data = F.binary_cross_entropy_with_logits(z, q, reduction="sum")
+                p = z.sigmoid()
+            else:
+                logp = z.log_softmax(1)
+                data, p = -(q * logp).sum(), logp.exp()
+            loss = data / n + w.pow(2).sum() / (2 * C * n)
+            g = (p - q) / n
             theta.grad = torch.cat([(g.T @ x + w / (C * n)).flatten(), g.sum(0)])
         return loss
 
@@ -144,18 +183,24 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, *
 
 
 def _scores(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """(correct count, summed cross-entropy) on a held-out fold."""
-    return (float((logits.argmax(1) == y).sum()),
-            float(F.cross_entropy(logits, y, reduction="sum")))
+    """(correct count, summed loss) on a held-out fold (tlreg.engine.objective's)."""
+    return float(objective.correct(logits, y)), float(objective.loss(logits, y, reduction="sum"))
 
 
-def _choose(path: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Highest CV accuracy; ties go to the lower CV loss (the smoother score)."""
+def _choose(path: Sequence[dict[str, float]], multi_label: bool = False) -> dict[str, float]:
+    """Highest CV accuracy; ties go to the lower CV loss (the smoother score). Multi-label:
+    the lowest CV loss (exact-match accuracy is too coarse to rank C with)."""
+    if multi_label:
+        return min(path, key=lambda p: p["cv_loss"])
     return max(path, key=lambda p: (round(p["cv_accuracy"], 12), -p["cv_loss"]))
 
 
 def _num_folds(y: torch.Tensor, folds: int) -> int:
-    smallest = int(torch.bincount(y).clamp_min(0)[torch.unique(y)].min())
+    """Folds the smallest class allows (multi-label: its positives), at most `folds`."""
+    if objective.is_multi_label(y):
+        smallest = int(y.sum(0).min())
+    else:
+        smallest = int(torch.bincount(y).clamp_min(0)[torch.unique(y)].min())
     return max(0, min(folds, smallest))
 
 
@@ -187,6 +232,7 @@ def cv_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
 
     t0 = time.perf_counter()
     x64, y = x.detach().to(torch.float64), y.detach().long()
+    multi = objective.is_multi_label(y)
     k = _num_folds(y, folds)
     path: list[dict[str, float]] = []
     iterations = 0
@@ -221,9 +267,11 @@ def cv_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
             since_best = 0 if better else since_best + 1
             if since_best >= _PATIENCE:  # neither score improves: weaker C only over-fits
                 break
-        chosen = _choose(path)
-        C, reason = chosen["C"], (f"C={chosen['C']:.3g}: best {k}-fold CV accuracy "
-                                  f"{chosen['cv_accuracy']:.4f} of {len(path)} on the path")
+        chosen = _choose(path, multi)
+        C, reason = chosen["C"], (
+            f"C={chosen['C']:.3g}: best {k}-fold CV "
+            + (f"loss {chosen['cv_loss']:.4f}" if multi else
+               f"accuracy {chosen['cv_accuracy']:.4f}") + f" of {len(path)} on the path")
     else:
         C, chosen, k = 1.0, {"cv_accuracy": None, "cv_loss": None}, 0
         reason = "C=1 (scikit-learn's default): a class has fewer than 2 training images, no CV"
@@ -271,7 +319,7 @@ def _train_steps(head: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float
         if len(order) < batch:
             order = torch.cat([order, torch.randperm(len(x), generator=gen)])
         idx, order = order[:batch].to(x.device), order[batch:]
-        loss = F.cross_entropy(head(x[idx]), y[idx], label_smoothing=label_smoothing)
+        loss = objective.loss(head(x[idx]), y[idx], label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -334,10 +382,12 @@ def cv_steps(make_head: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tenso
                              seed=seed + f, label_smoothing=label_smoothing, at=marks, on=score)
             path += [{"weight_decay": wd, "steps": m, "cv_accuracy": correct[m] / len(y),
                       "cv_loss": loss[m] / len(y)} for m in marks]
-        chosen = _choose(path)
+        multi = objective.is_multi_label(y)
+        chosen = _choose(path, multi)
         wd, steps = chosen["weight_decay"], int(chosen["steps"])
-        reason = (f"weight decay {wd:g}, {steps} steps: best {k}-fold CV accuracy "
-                  f"{chosen['cv_accuracy']:.4f} of {len(path)} choices")
+        reason = (f"weight decay {wd:g}, {steps} steps: best {k}-fold CV "
+                  + (f"loss {chosen['cv_loss']:.4f}" if multi else
+                     f"accuracy {chosen['cv_accuracy']:.4f}") + f" of {len(path)} choices")
     else:
         wd, steps, k = weight_decays[len(weight_decays) // 2], total, 0
         chosen = {"cv_accuracy": None, "cv_loss": None}

@@ -109,10 +109,7 @@ class Trainer:
         self.resume = resume
         self.run_dir = Path(config.out)
         self.callbacks = Callbacks.of(config.callbacks, config.callback_args, callbacks)
-        if config.early_stopping is not None:
-            self.callbacks.named.insert(0, ("early-stopping", EarlyStopping(
-                config.early_stopping, config.monitor, config.min_delta)))
-        self.monitor = Monitor(config.monitor, config.min_delta)
+        self.monitor = Monitor(config.monitor or "val_accuracy", config.min_delta)
         self.history: list[dict[str, Any]] = []
         self.best_score: float | None = None  # the monitored metric of checkpoints/best
         self.best_epoch: int | None = None
@@ -125,6 +122,8 @@ class Trainer:
         self.decision: Any = None  # what --policy auto chose (tlreg.engine.auto.Decision)
         self.augment: Augment | None = None  # the training augmentation the probe measured
         self.probe_xy: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.thresholds: list[float] | None = None  # multi-label: tuned on this epoch's val
+        self.best_thresholds: list[float] | None = None  # ... and on the best epoch's
 
     def say(self, message: str) -> None:
         _say(self.config, message)
@@ -168,11 +167,35 @@ class Trainer:
                 weights=cfg.weights, label_names=data.classes)
             self.pretrained_sha256 = None
         self.data_config = _data_config(self.model, cfg.img_size)
-        if cfg.img_size and not self.resume:
+        if not self.resume:
             from dataclasses import replace
 
-            self.model.info = replace(self.model.info, data_config=self.data_config)
+            from tlreg.engine.objective import MULTI_LABEL
+
+            if cfg.img_size:
+                self.model.info = replace(self.model.info, data_config=self.data_config)
+            if data.multi_label:
+                self.model.info = replace(self.model.info, problem_type=MULTI_LABEL)
         self.plan(len(data.train))
+
+    def _watch(self, data: DataSplit) -> None:
+        """The monitored metric (val_map by default for multi-label) and early stopping."""
+        from tlreg.engine.callbacks import MULTI_LABEL_MONITORS
+
+        cfg = self.config
+        name = cfg.monitor or ("val_map" if data.multi_label else "val_accuracy")
+        if name in MULTI_LABEL_MONITORS and not data.multi_label:
+            raise UsageError(f"--monitor {name} is a multi-label metric, and {cfg.data} has one "
+                             "label per image; use val_accuracy or val_loss")
+        self.config = cfg.replace(monitor=name)
+        self.monitor = Monitor(name, cfg.min_delta)
+        if cfg.early_stopping is not None:
+            self.callbacks.named.insert(0, ("early-stopping", EarlyStopping(
+                cfg.early_stopping, name, cfg.min_delta)))
+        if data.multi_label:
+            from tlreg.metrics import require_multilabel
+
+            require_multilabel()  # the extra's error before any work, not after an epoch
 
     def plan(self, train_images: int) -> None:
         """The run's plan from what was asked (called again after `--policy auto` decided)."""
@@ -205,6 +228,7 @@ class Trainer:
         rundir.check_out_dir(self.run_dir, self.resume)
         data = open_source(cfg.data, cfg.val_split, cfg.seed, cfg.source_args)
         seed_everything(cfg.seed)
+        self._watch(data)
         self._resolve(data)
         cfg = self.config
         device = distributed.device_for(resolve_device(cfg.device))
@@ -344,23 +368,34 @@ class Trainer:
                    compiling: float | None = None) -> None:
         from tlreg._io import save_checkpoint
         from tlreg.engine.optim import layer_lrs
-        from tlreg.metrics import classification_report
+        from tlreg.metrics import classification_report, multilabel_report, tune_thresholds
 
         self.inputs.gather_skipped()
-        report = classification_report(labels, preds, self.data.classes)
+        classes = self.data.classes
+        multi = self.data.multi_label
+        if multi:  # metrics at 0.5; the checkpoint keeps thresholds tuned on this val
+            report = multilabel_report(labels, preds, classes)
+            self.thresholds = tune_thresholds(labels, preds, len(classes))
+            scores = {"val_map": report["map"], "val_f1_micro": report["f1_micro"],
+                      "val_f1_macro": report["f1_macro"]}
+        else:
+            report, scores = classification_report(labels, preds, classes), {}
         row = {
             "epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
-            "val_loss": val_loss, "val_accuracy": report["accuracy"],
+            "val_loss": val_loss, "val_accuracy": report["accuracy"], **scores,
             "lr": layer_lrs(self.optimizer),
             "trainable_params": self.model.num_trainable(), "seconds": seconds,
             "images_per_second": images / seconds if seconds > 0 else None,
         }
+        if multi:
+            self._set_thresholds(self.thresholds)
         if compiling is not None:  # torch.compile's share of `seconds`
             row["compile_seconds"] = compiling
         self.history.append(row)
         is_best = self.monitor.improves(row[self.monitor.name], self.best_score)
         if is_best:
             self.best_score, self.best_epoch = float(row[self.monitor.name]), epoch + 1
+            self.best_thresholds = self.thresholds
         self.callbacks.call("on_evaluate_end", self, epoch, row)
         self.callbacks.call("on_epoch_end", self, epoch)
         self._share_stop()
@@ -368,20 +403,31 @@ class Trainer:
         if distributed.is_main():  # every rank holds the same state; rank 0 saves it
             if is_best:
                 tensors, frozen = record.checkpoint_tensors(self)
+                extra = {"thresholds": self.thresholds,
+                         "report_tuned": multilabel_report(labels, preds, classes,
+                                                           self.thresholds)} if multi else {}
                 save_checkpoint(self.run_dir / "checkpoints" / "best", tensors,
                                 {"epoch": epoch + 1, "val_accuracy": report["accuracy"],
                                  "monitor": self.monitor.name, "score": self.best_score,
-                                 "report": report}, frozen=frozen)
+                                 "report": report, **extra}, frozen=frozen)
             record.save_last(self, epoch)
             atomic_write_json(self.run_dir / "history.json", self.history)
         distributed.barrier()  # the epoch's files exist before any rank goes on
         self.say(f"epoch {epoch + 1}/{self.config.epochs}  loss {train_loss:.4f}  "
                  f"train acc {train_acc:.3f}  val loss {val_loss:.4f}  "
-                 f"val acc {report['accuracy']:.3f}  ({seconds:.1f}s"
+                 f"val acc {report['accuracy']:.3f}"
+                 + (f"  val mAP {report['map']:.3f}" if multi else "")
+                 + f"  ({seconds:.1f}s"
                  + (f", {compiling:.1f}s compiling)" if compiling else ")"))
         if self.stop_reason is not None:
             self.say(f"stopping early: {self.stop_reason}")
         self.callbacks.call("on_epoch_saved", self, epoch)
+
+    def _set_thresholds(self, thresholds: list[float]) -> None:
+        """The in-memory model carries the thresholds of its weights (this epoch's)."""
+        from dataclasses import replace
+
+        self.model.info = replace(self.model.info, thresholds=tuple(thresholds))
 
     def _share_stop(self) -> None:
         """A stop any rank's callback asked for stops every rank, at the same epoch."""

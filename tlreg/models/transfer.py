@@ -41,6 +41,10 @@ class ModelInfo:
     label_names: tuple[str, ...] = ()
     hub_id: str | None = None
     data_config: dict[str, Any] | None = None  # set when training overrode the input size
+    # What the outputs mean (transformers' names): softmax over classes, or one sigmoid per
+    # class, a label applying when its probability reaches its threshold (tuned on val).
+    problem_type: str = "single_label_classification"
+    thresholds: tuple[float, ...] = ()
 
 
 class _Features(nn.Module):

@@ -58,6 +58,7 @@ def info_from_dict(d: Mapping[str, Any]) -> ModelInfo:
                              f"{getattr(typ, '__name__', 'a list')}: the run file is damaged")
     d = dict(d)
     d["label_names"] = tuple(d.get("label_names") or ())
+    d["thresholds"] = tuple(float(v) for v in d.get("thresholds") or ())
     known = set(ModelInfo.__dataclass_fields__)
     return ModelInfo(**{k: v for k, v in d.items() if k in known})
 
@@ -82,8 +83,10 @@ def load_run_model(run_dir: Path, checkpoint: str = "best") -> TransferModel:
     info = info_from_dict(meta["info"])
     if meta.get("data_config"):  # the preprocessing it was trained with (--img-size included)
         info = replace(info, data_config=_tuples(meta["data_config"]))
+    tensors, state, _ = read_checkpoint(run_dir / "checkpoints" / checkpoint)
+    if state.get("thresholds"):  # multi-label: tuned on the val split of that epoch
+        info = replace(info, thresholds=tuple(float(v) for v in state["thresholds"]))
     model = build_from_info(info, pretrained=False)
-    tensors, _, _ = read_checkpoint(run_dir / "checkpoints" / checkpoint)
     model.load_state_dict(tensors, strict=True)
     model.eval()
     return model

@@ -50,6 +50,19 @@ def model_card(config: Mapping[str, Any], *, has_curve: bool) -> str:
                       "public named source).",
     }[bb["weights"]]
     dc = config["data_config"]
+    thresholds = config.get("thresholds") if config.get("problem_type", "").startswith(
+        "multi") else None
+    if thresholds:
+        outputs = ("Multi-label: each label has its own sigmoid probability, and a label "
+                   "applies when its probability reaches its threshold (tuned for F1 on the "
+                   "validation split); an image can have any number of labels.")
+        table = ["| index | label | threshold |", "| --- | --- | --- |",
+                 *(f"| {i} | {_cell(name)} | {t:.4f} |"
+                   for i, (name, t) in enumerate(zip(labels, thresholds, strict=True)))]
+    else:
+        outputs = "Single-label: softmax probabilities over the labels, one label per image."
+        table = ["| index | label |", "| --- | --- |",
+                 *(f"| {i} | {_cell(name)} |" for i, name in enumerate(labels))]
     lines = [
         f"# {title}",
         "",
@@ -59,9 +72,9 @@ def model_card(config: Mapping[str, Any], *, has_curve: bool) -> str:
         "",
         "## Labels",
         "",
-        "| index | label |",
-        "| --- | --- |",
-        *(f"| {i} | {_cell(name)} |" for i, name in enumerate(labels)),
+        outputs,
+        "",
+        *table,
         "",
     ]
     if metrics:
@@ -93,7 +106,7 @@ def model_card(config: Mapping[str, Any], *, has_curve: bool) -> str:
         "```",
         "",
         f"Backbone weights SHA-256: `{bb.get('weights_sha256')}`. "
-        f"Format: `{FORMAT_NAME}` version {FORMAT_VERSION}.",
+        f"Format: `{FORMAT_NAME}` version {config.get('format_version', FORMAT_VERSION)}.",
         "",
     ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))

@@ -23,7 +23,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 from tlreg._io import MODEL_JSON, save_file
 from tlreg.errors import PluginError, UnknownNameError, UsageError
 from tlreg.runs.checkpoint import load_run_model
-from tlreg.sharing.format import CONFIG_FILE, CURVE_FILE, clean_metrics, jsonable_data_config
+from tlreg.sharing.format import (
+    CONFIG_FILE,
+    CURVE_FILE,
+    clean_metrics,
+    jsonable_data_config,
+    problem_fields,
+)
 from tlreg.sharing.save import cpu_tensors, save_artifact, write_folder_atomically, write_json
 
 if TYPE_CHECKING:
@@ -189,6 +195,11 @@ def _timm_config(model: TransferModel, full: nn.Module) -> dict[str, Any]:
     architecture = cfg.pop("architecture", None) or model.info.timm_name
     cfg = json.loads(json.dumps(cfg, default=list))
     labels = list(model.info.label_names) or [str(i) for i in range(model.info.num_classes)]
-    return {"architecture": architecture, "num_classes": model.info.num_classes,
-            "num_features": int(full.num_features), "label_names": labels,
-            "pretrained_cfg": cfg}
+    out = {"architecture": architecture, "num_classes": model.info.num_classes,
+           "num_features": int(full.num_features), "label_names": labels,
+           "pretrained_cfg": cfg}
+    # What the logits mean (timm has no field for it; transformers' name and values): a
+    # multi-label model's are independent sigmoids, with the thresholds tuned on val.
+    return out | {k: v for k, v in problem_fields(model.info.problem_type,
+                                                  model.info.thresholds).items()
+                  if k != "format_version"}

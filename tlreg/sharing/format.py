@@ -22,7 +22,11 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 FORMAT_NAME = "tlreg-head"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this tlreg reads and writes
+#: Version 2 added `problem_type` and `thresholds` (multi-label). Single-label artifacts are
+#: still written as version 1, so an older tlreg reads them; a multi-label one is version 2,
+#: so an older tlreg refuses it instead of applying softmax to independent sigmoids.
+MULTI_LABEL_VERSION = 2
 
 CONFIG_FILE = "config.json"
 HEAD_FILE = "head.safetensors"
@@ -133,6 +137,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     for name in config["files"]:
         if name not in ARTIFACT_FILES or name == CONFIG_FILE:
             raise ArtifactError(f"{path}: unexpected file {name!r} in 'files'")
+    _check_problem(config, path, version)
     if HEAD_FILE not in config["files"]:
         raise ArtifactError(f"{path}: 'files' does not list {HEAD_FILE}")
     if (config["backbone"]["weights"] != WEIGHTS_NONE) != (BACKBONE_FILE in config["files"]):
@@ -140,6 +145,35 @@ def read_config(folder: Path) -> dict[str, Any]:
                             f"'files' {'lacks' if BACKBONE_FILE not in config['files'] else 'has'}"
                             f" {BACKBONE_FILE}")
     return config
+
+
+def problem_fields(problem_type: str, thresholds: tuple[float, ...]) -> dict[str, Any]:
+    """The format version and the config keys that say what the outputs mean."""
+    from tlreg.engine.objective import MULTI_LABEL, SINGLE_LABEL
+
+    if problem_type != MULTI_LABEL:
+        return {"format_version": 1, "problem_type": SINGLE_LABEL}
+    return {"format_version": MULTI_LABEL_VERSION, "problem_type": MULTI_LABEL,
+            "thresholds": [float(t) for t in thresholds]}
+
+
+def _check_problem(config: Mapping[str, Any], path: Path, version: int) -> None:
+    from tlreg.engine.objective import MULTI_LABEL, PROBLEM_TYPES, SINGLE_LABEL
+
+    problem = config.get("problem_type", SINGLE_LABEL)
+    if problem not in PROBLEM_TYPES:
+        raise ArtifactError(f"{path}: unknown problem_type {problem!r} (one of "
+                            f"{', '.join(PROBLEM_TYPES)})")
+    if problem != MULTI_LABEL:
+        return
+    if version < MULTI_LABEL_VERSION:
+        raise ArtifactError(f"{path}: a multi-label artifact must be format version "
+                            f"{MULTI_LABEL_VERSION}, not {version}")
+    t = config.get("thresholds")
+    if (not isinstance(t, list) or len(t) != config["num_classes"] or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1 for v in t)):
+        raise ArtifactError(f"{path}: thresholds must be {config['num_classes']} numbers in "
+                            "[0, 1], one per class")
 
 
 def _check_data_config(dc: Mapping[str, Any], path: Path) -> None:

@@ -128,8 +128,17 @@ def _rebuild(config: Mapping[str, Any], allow_mismatch: bool) -> tuple[TransferM
         policy_args=dict(config["policy"].get("args") or {}),
         label_names=tuple(config["label_names"]), hub_id=bb.get("hub_id"),
         data_config=_data_config_from_json(config["data_config"], model.data_config),
+        problem_type=config.get("problem_type") or info_default("problem_type"),
+        thresholds=tuple(float(v) for v in config.get("thresholds") or ()),
     )
     return model, info
+
+
+def info_default(name: str) -> Any:
+    """A ModelInfo field's default: what a config from before the field existed means."""
+    from tlreg.models.transfer import ModelInfo
+
+    return ModelInfo.__dataclass_fields__[name].default
 
 
 def _backbone_spec(bb: Mapping[str, Any]) -> BackboneSpec:

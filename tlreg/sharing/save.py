@@ -25,7 +25,6 @@ from tlreg.sharing.format import (
     CONFIG_FILE,
     CURVE_FILE,
     FORMAT_NAME,
-    FORMAT_VERSION,
     HEAD_FILE,
     NAMED_SOURCES,
     WEIGHTS_DELTA,
@@ -36,6 +35,7 @@ from tlreg.sharing.format import (
     few,
     file_sha256,
     jsonable_data_config,
+    problem_fields,
     tensor_desc,
 )
 
@@ -153,7 +153,7 @@ def _config(model: TransferModel, mode: str, weights_hash: str | None,
     info = model.info
     return {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        **problem_fields(info.problem_type, info.thresholds),
         "tlreg_version": __version__,
         "backbone": {
             "name": info.backbone,
