@@ -136,7 +136,7 @@ def test_train_export_push_pull_predict_the_same_labels(tagged: Path, tmp_path: 
     assert set(s["thresholds"]) == {"ants", "bees", "bright"}
     assert all(0 <= v <= 1 for v in s["thresholds"].values())
     history = json.loads((tmp_path / "run" / "history.json").read_text())
-    assert {"val_map", "val_f1_micro", "val_f1_macro"} <= set(history[-1])
+    assert {"val_map", "val_micro_f1", "val_macro_f1"} <= set(history[-1])
 
     out = export_run(tmp_path / "run", tmp_path / "artifact")
     cfg = json.loads((out / CONFIG_FILE).read_text())
@@ -181,7 +181,7 @@ def test_eval_map_and_f1_are_scikit_learn_s(tagged: Path, tmp_path: Path) -> Non
     assert report["map"] == pytest.approx(
         sklearn_metrics.average_precision_score(y, p, average="macro"), abs=1e-6)
     for avg in ("micro", "macro"):
-        assert report[f"f1_{avg}"] == pytest.approx(
+        assert report[f"{avg}_f1"] == pytest.approx(
             sklearn_metrics.f1_score(y, (p >= t).long(), average=avg, zero_division=0),
             abs=1e-6)
     assert report["accuracy"] == pytest.approx(

@@ -8,7 +8,9 @@ from typing import Any
 
 def classification_report(labels: Sequence[int], preds: Sequence[int],
                           classes: Sequence[str]) -> dict[str, Any]:
-    """Accuracy, per-class precision / recall / support and the confusion matrix (rows: true)."""
+    """Accuracy, balanced accuracy, macro F1, per-class precision / recall / support and the
+    confusion matrix (rows: true). Balanced accuracy averages the recall of the classes present
+    in `labels`, macro F1 the F1 of the classes in `labels` or `preds` (scikit-learn's rules)."""
     n = len(classes)
     matrix = [[0] * n for _ in range(n)]
     for y, p in zip(labels, preds, strict=True):
@@ -24,7 +26,15 @@ def classification_report(labels: Sequence[int], preds: Sequence[int],
             "recall": matrix[i][i] / support if support else 0.0,
             "support": support,
         }
-    return {"accuracy": correct / total if total else 0.0, "images": total,
+    present = [m for m in per_class.values() if m["support"]]
+    seen = [m for i, m in enumerate(per_class.values())
+            if m["support"] or sum(matrix[r][i] for r in range(n))]
+    f1 = [2 * m["precision"] * m["recall"] / (m["precision"] + m["recall"])
+          if m["precision"] + m["recall"] else 0.0 for m in seen]
+    return {"accuracy": correct / total if total else 0.0,
+            "balanced_accuracy": sum(m["recall"] for m in present) / len(present) if present
+            else 0.0,
+            "macro_f1": sum(f1) / len(f1) if f1 else 0.0, "images": total,
             "per_class": per_class, "confusion_matrix": matrix, "classes": list(classes)}
 
 
@@ -78,21 +88,21 @@ def multilabel_report(labels: Sequence[Sequence[int]], probs: Sequence[Sequence[
         kw: dict[str, Any] = {"num_labels": n, "threshold": 0.5, "zero_division": 0}
         precision = tm.multilabel_precision(pred, y, average=None, **kw)
         recall = tm.multilabel_recall(pred, y, average=None, **kw)
-        f1_micro = float(tm.multilabel_f1_score(pred, y, average="micro", **kw))
-        f1_macro = float(tm.multilabel_f1_score(pred, y, average="macro", **kw))
+        micro_f1 = float(tm.multilabel_f1_score(pred, y, average="micro", **kw))
+        macro_f1 = float(tm.multilabel_f1_score(pred, y, average="macro", **kw))
         has = positives > 0
         mean_ap = float(ap[has].mean()) if bool(has.any()) else 0.0
         exact = float((pred == y).all(1).float().mean())
     else:
         ap = precision = recall = torch.zeros(n)
-        f1_micro = f1_macro = mean_ap = exact = 0.0
+        micro_f1 = macro_f1 = mean_ap = exact = 0.0
     per_class = {
         name: {"precision": float(precision[i]), "recall": float(recall[i]),
                "ap": float(ap[i]) if positives[i] > 0 else None, "support": int(positives[i]),
                "threshold": float(t[i])}
         for i, name in enumerate(classes)
     }
-    return {"accuracy": exact, "map": mean_ap, "f1_micro": f1_micro, "f1_macro": f1_macro,
+    return {"accuracy": exact, "map": mean_ap, "micro_f1": micro_f1, "macro_f1": macro_f1,
             "images": total, "per_class": per_class, "classes": list(classes),
             "thresholds": [float(v) for v in t]}
 

@@ -141,6 +141,11 @@ def train(
     step_size: int | None = typer.Option(None, "--step-size"),
     gamma: float | None = typer.Option(None, "--gamma"),
     label_smoothing: float | None = typer.Option(None, "--label-smoothing"),
+    class_weights: str | None = typer.Option(
+        None, "--class-weights", metavar="none|auto|FILE",
+        help="Weigh the loss per class: auto (n / (classes x n_c); multi-label: pos_weight), "
+        "or a YAML / JSON file of class: weight (default none).",
+    ),
     solver: str | None = typer.Option(
         None, "--solver",
         help="auto (cv when the head trains alone and --epochs is unset), cv (head fitted to "
@@ -335,8 +340,8 @@ def evaluate(
         print_json(report)
         return
     if "map" in report:  # multi-label
-        typer.echo(f"mAP {report['map']:.4f}, F1 micro {report['f1_micro']:.4f} / macro "
-                   f"{report['f1_macro']:.4f}, exact match {report['accuracy']:.4f} on "
+        typer.echo(f"mAP {report['map']:.4f}, F1 micro {report['micro_f1']:.4f} / macro "
+                   f"{report['macro_f1']:.4f}, exact match {report['accuracy']:.4f} on "
                    f"{report['images']} images")
         print_table(
             ["class", "precision", "recall", "AP", "threshold", "support"],

@@ -33,9 +33,10 @@ if TYPE_CHECKING:
 #: What `--monitor` can watch, and whether more is better.
 MONITORS: dict[str, str] = {"val_accuracy": "max", "val_loss": "min",
                             "train_accuracy": "max", "train_loss": "min",
-                            "val_map": "max", "val_f1_macro": "max"}
+                            "val_balanced_accuracy": "max", "val_macro_f1": "max",
+                            "val_map": "max"}
 #: Monitors only a multi-label run records.
-MULTI_LABEL_MONITORS = ("val_map", "val_f1_macro")
+MULTI_LABEL_MONITORS = ("val_map",)
 
 
 class Callback:

@@ -50,6 +50,7 @@ class TrainConfig:
     step_size: int = 7
     gamma: float = 0.1
     label_smoothing: float = 0.0
+    class_weights: str = "none"  # none, auto (balanced), or a YAML / JSON file class: weight
     solver: str = "auto"  # auto: cv when the head fits on cached features and epochs is unset
     lp_ft: bool = True  # fit the head on frozen features before the backbone trains
     cv_folds: int = 5

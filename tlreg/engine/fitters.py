@@ -59,10 +59,11 @@ class LBFGS:
     epochs = None
 
     def __init__(self, feed: FeatureFeed, *, weight_decay: float,
-                 label_smoothing: float) -> None:
+                 label_smoothing: float, class_weight: torch.Tensor | None = None) -> None:
         import torch
 
         self.feed, self.weight_decay, self.smoothing = feed, weight_decay, label_smoothing
+        self.class_weight = class_weight
         self.params = list(feed.head.parameters())
         self.optimizer = torch.optim.LBFGS(self.params, lr=1.0, max_iter=20, history_size=20,
                                            line_search_fn="strong_wolfe")
@@ -76,7 +77,7 @@ class LBFGS:
 
         def closure() -> torch.Tensor:
             self.optimizer.zero_grad()
-            loss = objective.loss(head(x), y, self.smoothing)
+            loss = objective.loss(head(x), y, self.smoothing, weight=self.class_weight)
             loss = loss + 0.5 * self.weight_decay * weight.pow(2).sum()
             loss.backward()
             return loss

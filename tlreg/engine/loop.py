@@ -68,12 +68,13 @@ class SGD:
 
     def __init__(self, feed: Feed, *, optimizer: Any, scheduler: Any, per_step: bool,
                  epochs: int, label_smoothing: float, runtime: Runtime | None,
-                 on_step: Callable[[int, torch.Tensor], None] | None = None) -> None:
+                 on_step: Callable[[int, torch.Tensor], None] | None = None,
+                 class_weight: torch.Tensor | None = None) -> None:
         import torch
 
         self.feed, self.optimizer, self.scheduler = feed, optimizer, scheduler
         self.per_step, self.runtime, self.on_step = per_step, runtime, on_step
-        self.epochs, self.smoothing = epochs, label_smoothing
+        self.epochs, self.smoothing, self.class_weight = epochs, label_smoothing, class_weight
         fp16 = runtime is not None and runtime.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(enabled=fp16)
 
@@ -93,7 +94,7 @@ class SGD:
         for step, (x, y) in enumerate(batches):
             with self._autocast():
                 logits = forward(x)
-                loss = objective.loss(logits, y, self.smoothing)
+                loss = objective.loss(logits, y, self.smoothing, weight=self.class_weight)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)

@@ -9,6 +9,7 @@ only switch and no loop, feed or fitter has an `if multi_label` of its own.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -34,15 +35,20 @@ def smoothed(y: torch.Tensor, label_smoothing: float) -> torch.Tensor:
 
 
 def loss(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0,
-         reduction: str = "mean") -> torch.Tensor:
+         reduction: str = "mean", weight: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy for class indices; for 0/1 rows, binary cross-entropy averaged over the
-    classes of each image (`reduction='none'` gives one value per image either way)."""
+    classes of each image (`reduction='none'` gives one value per image either way).
+
+    `weight` (`class_weights`): per-class weights of the cross-entropy (its mean is then
+    PyTorch's weighted mean), or for 0/1 rows each class's `pos_weight`."""
     import torch.nn.functional as F
 
     if not is_multi_label(y):
-        return F.cross_entropy(logits, y, reduction=reduction, label_smoothing=label_smoothing)
+        return F.cross_entropy(logits, y, weight=weight, reduction=reduction,
+                               label_smoothing=label_smoothing)
     per_image = F.binary_cross_entropy_with_logits(
-        logits.float(), smoothed(y, label_smoothing), reduction="none").mean(1)
+        logits.float(), smoothed(y, label_smoothing), reduction="none",
+        pos_weight=weight).mean(1)
     if reduction == "none":
         return per_image
     return per_image.sum() if reduction == "sum" else per_image.mean()
@@ -59,3 +65,62 @@ def correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def outputs(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """What evaluation keeps per image: the predicted class, or each class's probability."""
     return logits.sigmoid().float() if is_multi_label(y) else logits.argmax(1)
+
+
+def class_weights(spec: str, labels: Sequence[int | tuple[int, ...]],
+                  classes: Sequence[str]) -> list[float] | None:
+    """Per-class loss weights from `--class-weights`: none, auto, or a YAML / JSON file.
+
+    `auto` is scikit-learn's `class_weight="balanced"`, n / (classes x n_c), for one label per
+    image; for 0/1 rows it is each class's `pos_weight`, negatives / positives (PyTorch's
+    `BCEWithLogitsLoss`). A file maps every class name to its weight.
+    """
+    from tlreg.errors import UsageError
+
+    if spec == "none":
+        return None
+    n, k = len(labels), len(classes)
+    multi = bool(labels) and isinstance(labels[0], tuple)
+    if spec == "auto":
+        if multi:
+            pos = [sum(row[c] for row in labels) for c in range(k)]  # type: ignore[index]
+            return [(n - p) / p if p else 1.0 for p in pos]
+        counts = [0] * k
+        for y in labels:
+            counts[y] += 1  # type: ignore[index]
+        return [n / (k * c) if c else 1.0 for c in counts]
+    return _weights_file(spec, classes, UsageError)
+
+
+def _weights_file(path: str, classes: Sequence[str], error: type[Exception]) -> list[float]:
+    import math
+    from pathlib import Path
+
+    import yaml
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise error(f"--class-weights takes none, auto or a YAML / JSON file of class: weight; "
+                    f"{path} is none of these")
+    try:
+        table = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise error(f"cannot read class weights from {file}: {exc}") from None
+    if not isinstance(table, dict):
+        raise error(f"{file} must map class names to weights, e.g. {{ants: 1.0, bees: 3.5}}")
+    table = {str(k): v for k, v in table.items()}
+    missing = [c for c in classes if c not in table]
+    unknown = sorted(set(table) - set(classes))
+    if missing or unknown:
+        raise error(f"{file}: " + "; ".join(
+            part for part in (missing and f"no weight for {', '.join(map(repr, missing))}",
+                              unknown and f"classes not in the data: "
+                                          f"{', '.join(map(repr, unknown))}") if part))
+    out = []
+    for c in classes:
+        v = table[c]
+        if (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
+                or v <= 0):
+            raise error(f"{file}: the weight of {c!r} must be a positive number, got {v!r}")
+        out.append(float(v))
+    return out

@@ -55,7 +55,8 @@ def fit_head(t: Trainer, x: torch.Tensor, y: torch.Tensor) -> HeadFit:
 
     fit = solve(t.model.head, make_head, x, y, info.num_classes,
                 lr=cfg.lr * t.lr_scale, batch=t.global_batch, seed=cfg.seed,
-                label_smoothing=cfg.label_smoothing, folds=cfg.cv_folds)
+                label_smoothing=cfg.label_smoothing, folds=cfg.cv_folds,
+                class_weight=t.class_weight)
     t.say(f"head fitted on {len(x)} cached features in {fit.seconds:.1f}s: {fit.reason}")
     return fit
 

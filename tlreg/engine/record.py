@@ -46,6 +46,8 @@ def write_start(t: Trainer, data: DataSplit) -> None:
         "world_size": t.world, "global_batch_size": t.global_batch,
         "backend": distributed.backend(), "lr_scaling": t.config.lr_scaling,
         "lr_scale": t.lr_scale,
+        "class_weights": (None if t.class_weight is None else
+                          dict(zip(data.classes, t.class_weight.tolist(), strict=True))),
         **choices(t),  # what auto, LP-FT and the defaults chose: kept for --resume
         "fingerprint": t.fingerprint(data),
     })
@@ -72,7 +74,7 @@ def write_summary(t: Trainer, data: DataSplit, wall: float, status: str) -> dict
         best = t.best_row()
         summary |= {"problem_type": t.model.info.problem_type,
                     "val_map": last.get("val_map"), "best_val_map": best.get("val_map"),
-                    "best_val_f1_macro": best.get("val_f1_macro"),
+                    "best_val_macro_f1": best.get("val_macro_f1"),
                     "thresholds": dict(zip(data.classes, t.best_thresholds or (), strict=False))}
     summary.update(choices(t))
     if t.config.compile:

@@ -115,25 +115,32 @@ def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def logistic_objective(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                       C: float, label_smoothing: float = 0.0) -> torch.Tensor:
+                       C: float, label_smoothing: float = 0.0,
+                       class_weight: torch.Tensor | None = None) -> torch.Tensor:
     """scikit-learn's objective divided by C*n: mean loss + |W|^2 / (2 C n).
 
     Multinomial for class indices; for 0/1 rows, one-vs-rest (`OneVsRestClassifier`'s sum of
-    per-class binary objectives, each with the same C).
+    per-class binary objectives, each with the same C). `class_weight` weighs each image's loss
+    by its class's weight (scikit-learn's `class_weight`), or is each class's `pos_weight`.
     """
     logits = x @ w.T + b
+    penalty = w.pow(2).sum() / (2 * C * len(x))
     if objective.is_multi_label(y):
         data = F.binary_cross_entropy_with_logits(
-            logits, objective.smoothed(y, label_smoothing).to(x.dtype), reduction="sum")
-        return data / len(x) + w.pow(2).sum() / (2 * C * len(x))
-    ce = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-    return ce + w.pow(2).sum() / (2 * C * len(x))
+            logits, objective.smoothed(y, label_smoothing).to(x.dtype), reduction="sum",
+            pos_weight=class_weight)
+        return data / len(x) + penalty
+    ce = F.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="none")
+    if class_weight is not None:
+        ce = ce * class_weight.to(ce)[y]
+    return ce.mean() + penalty
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, *,
                  label_smoothing: float = 0.0,
                  init: tuple[torch.Tensor, torch.Tensor] | None = None, max_iter: int = 1000,
-                 tol: float = 1e-9) -> tuple[torch.Tensor, torch.Tensor, int]:
+                 tol: float = 1e-9, class_weight: torch.Tensor | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(W, b, iterations) minimising `logistic_objective` by L-BFGS, in x's dtype and device.
 
     `y`: class indices (softmax), or 0/1 rows (independent sigmoids); the gradient has the
@@ -155,6 +162,9 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, *
     q = (objective.smoothed(y, label_smoothing).to(x.dtype) if multi else
          F.one_hot(y, num_classes).to(x.dtype) * (1 - label_smoothing)
          + label_smoothing / num_classes)
+    cw = None if class_weight is None else class_weight.to(x)
+    # Per image (one label): its class's weight; per entry (0/1 rows): pos_weight on positives.
+    s = (None if cw is None else cw[y][:, None] if not multi else cw * q + (1 - q))
 
     def unpack(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return t[:num_classes * d].view(num_classes, d), t[num_classes * d:]
@@ -166,13 +176,17 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, *
             w, b = unpack(theta)
             z = x @ w.T + b
             if multi:
-                data = F.binary_cross_entropy_with_logits(z, q, reduction="sum")
+                data = F.binary_cross_entropy_with_logits(z, q, reduction="sum", pos_weight=cw)
                 p = z.sigmoid()
+                # d/dz of -(pw q log p + (1 - q) log(1 - p)) = (pw q + 1 - q) p - pw q
+                g = (p - q) if s is None else s * p - cw * q
             else:
                 logp = z.log_softmax(1)
-                data, p = -(q * logp).sum(), logp.exp()
+                per = -(q * logp).sum(1)
+                data, p = (per.sum() if s is None else (per * s[:, 0]).sum()), logp.exp()
+                g = (p - q) if s is None else (p - q) * s
             loss = data / n + w.pow(2).sum() / (2 * C * n)
-            g = (p - q) / n
+            g = g / n
             theta.grad = torch.cat([(g.T @ x + w / (C * n)).flatten(), g.sum(0)])
         return loss
 
@@ -221,7 +235,8 @@ def _basis(x: torch.Tensor) -> torch.Tensor | None:
 
 def cv_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
               Cs: Sequence[float] = DEFAULT_CS, folds: int = 5, seed: int = 0,
-              label_smoothing: float = 0.0) -> HeadFit:
+              label_smoothing: float = 0.0,
+              class_weight: torch.Tensor | None = None) -> HeadFit:
     """Multinomial logistic regression with C chosen by stratified k-fold CV on (x, y) only.
 
     Folds are solved in float32 to a gradient of 1e-5 (enough to rank C), the final fit in
@@ -253,6 +268,7 @@ def cv_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
             correct = loss = 0.0
             for f, (xtr, ytr, xte, yte) in enumerate(parts):
                 w, b, it = fit_logistic(xtr, ytr, num_classes, C, init=inits[f], tol=1e-5,
+                                        class_weight=class_weight,
                                         max_iter=500, label_smoothing=label_smoothing)
                 inits[f] = (w, b)
                 iterations += it
@@ -280,6 +296,7 @@ def cv_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
     basis = _basis(xs)
     z = xs @ basis if basis is not None else xs
     w, b, it = fit_logistic(z, y, num_classes, C, init=None, tol=1e-7,
+                            class_weight=class_weight,
                             label_smoothing=label_smoothing)
     iterations += it
     if basis is not None:
@@ -307,7 +324,8 @@ def _first_linear(head: nn.Module) -> nn.Linear | None:
 
 def _train_steps(head: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float, wd: float,
                  steps: int, batch: int, seed: int, label_smoothing: float,
-                 at: Sequence[int] = (), on: Callable[[int], None] | None = None) -> None:
+                 at: Sequence[int] = (), on: Callable[[int], None] | None = None,
+                 class_weight: torch.Tensor | None = None) -> None:
     """AdamW at a constant rate, seeded minibatches; `on(step)` at each step in `at`."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=lr,
@@ -319,7 +337,7 @@ def _train_steps(head: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float
         if len(order) < batch:
             order = torch.cat([order, torch.randperm(len(x), generator=gen)])
         idx, order = order[:batch].to(x.device), order[batch:]
-        loss = objective.loss(head(x[idx]), y[idx], label_smoothing)
+        loss = objective.loss(head(x[idx]), y[idx], label_smoothing, weight=class_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -333,7 +351,8 @@ def _train_steps(head: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float
 def cv_steps(make_head: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, *,
              lr: float, batch: int = 32, folds: int = 5, seed: int = 0,
              weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
-             max_epochs: int = 32, label_smoothing: float = 0.0) -> HeadFit:
+             max_epochs: int = 32, label_smoothing: float = 0.0,
+             class_weight: torch.Tensor | None = None) -> HeadFit:
     """Any head: AdamW steps on cached features, (weight decay, steps) chosen by k-fold CV.
 
     The budget is `max_epochs` passes over the data (at least 200 steps), checked at 1/8,
@@ -379,7 +398,8 @@ def cv_steps(make_head: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tenso
                     loss[step] += s
 
                 _train_steps(head, xtr, y[tr], lr=lr, wd=wd, steps=total, batch=batch,
-                             seed=seed + f, label_smoothing=label_smoothing, at=marks, on=score)
+                             seed=seed + f, label_smoothing=label_smoothing, at=marks, on=score,
+                             class_weight=class_weight)
             path += [{"weight_decay": wd, "steps": m, "cv_accuracy": correct[m] / len(y),
                       "cv_loss": loss[m] / len(y)} for m in marks]
         multi = objective.is_multi_label(y)
@@ -396,7 +416,7 @@ def cv_steps(make_head: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tenso
     torch.manual_seed(seed)
     head = make_head().to(x.device)
     _train_steps(head, xs, y, lr=lr, wd=wd, steps=steps, batch=batch, seed=seed,
-                 label_smoothing=label_smoothing)
+                 label_smoothing=label_smoothing, class_weight=class_weight)
     head.eval()
     if standardise:
         mean, std = _moments(x)
@@ -414,7 +434,8 @@ def cv_steps(make_head: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tenso
 
 def fit_head(head: nn.Module, make_head: Callable[[], nn.Module], x: torch.Tensor,
              y: torch.Tensor, num_classes: int, *, lr: float, batch: int, seed: int,
-             label_smoothing: float = 0.0, folds: int = 5) -> HeadFit:
+             label_smoothing: float = 0.0, folds: int = 5,
+             class_weight: torch.Tensor | None = None) -> HeadFit:
     """Fit `head` in place to its CV-chosen optimum on (x, y); returns what was chosen.
 
     A head that is a Linear layer (after dropouts) is solved exactly (`cv_linear`); any other
@@ -427,12 +448,12 @@ def fit_head(head: nn.Module, make_head: Callable[[], nn.Module], x: torch.Tenso
         for m in head.modules())
     if is_linear:
         fit = cv_linear(x, y, num_classes, folds=folds, seed=seed,
-                        label_smoothing=label_smoothing)
+                        label_smoothing=label_smoothing, class_weight=class_weight)
         with torch.no_grad():
             linear.weight.copy_(fit.state["weight"])
             linear.bias.copy_(fit.state["bias"])
         return fit
     fit = cv_steps(make_head, x, y, lr=lr, batch=batch, folds=folds, seed=seed,
-                   label_smoothing=label_smoothing)
+                   label_smoothing=label_smoothing, class_weight=class_weight)
     head.load_state_dict(fit.state)
     return fit

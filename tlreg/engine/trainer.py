@@ -35,6 +35,10 @@ if TYPE_CHECKING:
     from tlreg.models.transfer import TransferModel
 
 
+#: A class under this share of the training images (positives, for multi-label) is small.
+SMALL_CLASS = 0.05
+
+
 class Interrupted(TlregError):
     """Ctrl-C: the last completed epoch is saved and the run can be resumed."""
 
@@ -124,6 +128,7 @@ class Trainer:
         self.probe_xy: tuple[torch.Tensor, torch.Tensor] | None = None
         self.thresholds: list[float] | None = None  # multi-label: tuned on this epoch's val
         self.best_thresholds: list[float] | None = None  # ... and on the best epoch's
+        self.class_weight: torch.Tensor | None = None  # --class-weights, on the device
 
     def say(self, message: str) -> None:
         _say(self.config, message)
@@ -197,6 +202,32 @@ class Trainer:
 
             require_multilabel()  # the extra's error before any work, not after an epoch
 
+    def _weigh(self, data: DataSplit, device: Any) -> None:
+        """--class-weights as a tensor; a warning when a small class is left unweighted."""
+        import warnings
+
+        import torch
+
+        from tlreg.data.sources import label_classes
+        from tlreg.engine.objective import class_weights
+
+        labels = [s.label for s in data.train]
+        weights = class_weights(self.config.class_weights, labels, data.classes)
+        self.class_weight = (None if weights is None else
+                             torch.tensor(weights, dtype=torch.float32, device=device))
+        counts = [0] * len(data.classes)
+        for y in labels:
+            for i in label_classes(y):
+                counts[i] += 1
+        small = [c for c, n in zip(data.classes, counts, strict=True)
+                 if n < SMALL_CLASS * len(labels)]
+        if small and weights is None:
+            warnings.warn(f"class{'es' if len(small) > 1 else ''} {', '.join(map(repr, small))} "
+                          f"{'are' if len(small) > 1 else 'is'} under {SMALL_CLASS:.0%} of the "
+                          "training images; --class-weights auto weighs the loss against the "
+                          "imbalance (and --monitor val_balanced_accuracy picks the best epoch "
+                          "by it)", stacklevel=2)
+
     def plan(self, train_images: int) -> None:
         """The run's plan from what was asked (called again after `--policy auto` decided)."""
         from tlreg.engine.plan import plan_run
@@ -236,6 +267,7 @@ class Trainer:
         self.device = device
         self.runtime.set_threads(loader_workers=cfg.workers)
         self.inputs = Inputs(cfg, self.data_config, self.runtime, self.say)
+        self._weigh(data, device)
         model = self.model.to(device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -317,7 +349,8 @@ class Trainer:
                 return CrossValidated(feed, fit_once, self.head_fit, cfg.label_smoothing)
             if cfg.solver == "lbfgs":
                 return LBFGS(feed, weight_decay=cfg.weight_decay,
-                             label_smoothing=cfg.label_smoothing)
+                             label_smoothing=cfg.label_smoothing,
+                             class_weight=self.class_weight)
             runtime = None  # the head on float features: no autocast (as it always trained)
         else:
             self.inputs.prepare(data, self.augment_spec())
@@ -327,6 +360,7 @@ class Trainer:
         return SGD(feed, optimizer=self.optimizer, scheduler=self.scheduler,
                    per_step=self.interval == "step", epochs=cfg.epochs,
                    label_smoothing=cfg.label_smoothing, runtime=runtime,
+                   class_weight=self.class_weight,
                    on_step=lambda step, loss: self.callbacks.call(
                        "on_train_step_end", self, step, loss))
 
@@ -376,10 +410,12 @@ class Trainer:
         if multi:  # metrics at 0.5; the checkpoint keeps thresholds tuned on this val
             report = multilabel_report(labels, preds, classes)
             self.thresholds = tune_thresholds(labels, preds, len(classes))
-            scores = {"val_map": report["map"], "val_f1_micro": report["f1_micro"],
-                      "val_f1_macro": report["f1_macro"]}
+            scores = {"val_map": report["map"], "val_micro_f1": report["micro_f1"],
+                      "val_macro_f1": report["macro_f1"]}
         else:
-            report, scores = classification_report(labels, preds, classes), {}
+            report = classification_report(labels, preds, classes)
+            scores = {"val_balanced_accuracy": report["balanced_accuracy"],
+                      "val_macro_f1": report["macro_f1"]}
         row = {
             "epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
             "val_loss": val_loss, "val_accuracy": report["accuracy"], **scores,
