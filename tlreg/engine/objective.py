@@ -67,6 +67,18 @@ def outputs(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return logits.sigmoid().float() if is_multi_label(y) else logits.argmax(1)
 
 
+def class_counts(labels: Sequence[int | tuple[int, ...]], k: int) -> list[int]:
+    """Images per class; for 0/1 rows, positives per class (an image counts in each)."""
+    counts = [0] * k
+    for y in labels:
+        if isinstance(y, int):
+            counts[y] += 1
+        else:
+            for i, v in enumerate(y):
+                counts[i] += bool(v)
+    return counts
+
+
 def class_weights(spec: str, labels: Sequence[int | tuple[int, ...]],
                   classes: Sequence[str]) -> list[float] | None:
     """Per-class loss weights from `--class-weights`: none, auto, or a YAML / JSON file.
@@ -75,44 +87,40 @@ def class_weights(spec: str, labels: Sequence[int | tuple[int, ...]],
     image; for 0/1 rows it is each class's `pos_weight`, negatives / positives (PyTorch's
     `BCEWithLogitsLoss`). A file maps every class name to its weight.
     """
-    from tlreg.errors import UsageError
-
     if spec == "none":
         return None
-    n, k = len(labels), len(classes)
-    multi = bool(labels) and isinstance(labels[0], tuple)
     if spec == "auto":
-        if multi:
-            pos = [sum(row[c] for row in labels) for c in range(k)]  # type: ignore[index]
-            return [(n - p) / p if p else 1.0 for p in pos]
-        counts = [0] * k
-        for y in labels:
-            counts[y] += 1  # type: ignore[index]
+        n, k = len(labels), len(classes)
+        counts = class_counts(labels, k)
+        if labels and isinstance(labels[0], tuple):
+            return [(n - p) / p if p else 1.0 for p in counts]
         return [n / (k * c) if c else 1.0 for c in counts]
-    return _weights_file(spec, classes, UsageError)
+    return _weights_file(spec, classes)
 
 
-def _weights_file(path: str, classes: Sequence[str], error: type[Exception]) -> list[float]:
+def _weights_file(path: str, classes: Sequence[str]) -> list[float]:
     import math
     from pathlib import Path
 
     import yaml
 
+    from tlreg.errors import UsageError
+
     file = Path(path).expanduser()
     if not file.is_file():
-        raise error(f"--class-weights takes none, auto or a YAML / JSON file of class: weight; "
-                    f"{path} is none of these")
+        raise UsageError("--class-weights takes none, auto or a YAML / JSON file of class: "
+                         f"weight; {path} is none of these")
     try:
         table = yaml.safe_load(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise error(f"cannot read class weights from {file}: {exc}") from None
+        raise UsageError(f"cannot read class weights from {file}: {exc}") from None
     if not isinstance(table, dict):
-        raise error(f"{file} must map class names to weights, e.g. {{ants: 1.0, bees: 3.5}}")
+        raise UsageError(f"{file} must map class names to weights, e.g. {{ants: 1.0, bees: 3.5}}")
     table = {str(k): v for k, v in table.items()}
     missing = [c for c in classes if c not in table]
     unknown = sorted(set(table) - set(classes))
     if missing or unknown:
-        raise error(f"{file}: " + "; ".join(
+        raise UsageError(f"{file}: " + "; ".join(
             part for part in (missing and f"no weight for {', '.join(map(repr, missing))}",
                               unknown and f"classes not in the data: "
                                           f"{', '.join(map(repr, unknown))}") if part))
@@ -121,6 +129,6 @@ def _weights_file(path: str, classes: Sequence[str], error: type[Exception]) -> 
         v = table[c]
         if (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
                 or v <= 0):
-            raise error(f"{file}: the weight of {c!r} must be a positive number, got {v!r}")
+            raise UsageError(f"{file}: the weight of {c!r} must be a positive number, got {v!r}")
         out.append(float(v))
     return out

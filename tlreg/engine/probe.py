@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from tlreg.engine import objective
+
 if TYPE_CHECKING:
     import torch
 
@@ -66,17 +68,14 @@ def probe_phase(t: Trainer, data: DataSplit) -> None:
     cfg = t.config
     if not (t.auto or (not t.use_features and cfg.lp_ft)):
         return
-    import torch
-
     t0 = time.perf_counter()
     x, y = t.probe_xy = t.inputs.features(t.model, list(data.train), feature_cache(t))
     t.feature_seconds = time.perf_counter() - t0
     initial = {k: v.clone() for k, v in t.model.head.state_dict().items()}
     fit = fit_head(t, x, y)
-    if t.auto:  # images per class (multi-label: positives per class)
-        counts = (y.sum(0) if data.multi_label
-                  else torch.bincount(y, minlength=len(data.classes)))
-        decide(t, data, counts, fit, len(y))
+    if t.auto:
+        counts = objective.class_counts([s.label for s in data.train], len(data.classes))
+        decide(t, data, min(counts), fit, len(y))
     if t.use_features and t.config.solver == "cv":
         t.head_fit = fit  # auto chose feature extraction: this fit is the run's
     elif not t.use_features and t.config.lp_ft:
@@ -130,14 +129,14 @@ def measure_augment(t: Trainer, data: DataSplit) -> None:
     t.say(f"augmentation: {a.reason}")
 
 
-def decide(t: Trainer, data: DataSplit, counts: torch.Tensor, fit: HeadFit,
+def decide(t: Trainer, data: DataSplit, smallest_class: int, fit: HeadFit,
            images: int) -> None:
     """`--policy auto`: the policy from the data's size and the probe, then the plan again."""
     from tlreg.engine.auto import decide as choose
     from tlreg.models.transfer import resolve_policy
 
     model = t.model
-    d = choose(train_images=images, smallest_class=int(counts.min()),
+    d = choose(train_images=images, smallest_class=smallest_class,
                probe_accuracy=fit.cv_accuracy, num_stages=model.num_stages,
                multi_label=data.multi_label)
     args = lp_ft_args(t.requested, d.policy, {

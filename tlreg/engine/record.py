@@ -169,8 +169,8 @@ def load_last(t: Trainer) -> None:
     t._previous_wall = state.get("wall_seconds", 0.0)
     t.callbacks.load_state_dict(state.get("callbacks") or {})
     t.stop_reason = state.get("stop_reason")
-    t.thresholds, t.best_thresholds = state.get("thresholds"), state.get("best_thresholds")
-    if t.thresholds:
-        t._set_thresholds(t.thresholds)
+    t.best_thresholds = state.get("best_thresholds")
+    if state.get("thresholds"):
+        t._set_thresholds(state["thresholds"])
     if t.start_epoch >= t.config.epochs or t.stop_reason:
         t.say(f"{t.run_dir} already finished {t.start_epoch} epochs")

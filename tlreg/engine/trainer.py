@@ -126,8 +126,7 @@ class Trainer:
         self.decision: Any = None  # what --policy auto chose (tlreg.engine.auto.Decision)
         self.augment: Augment | None = None  # the training augmentation the probe measured
         self.probe_xy: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.thresholds: list[float] | None = None  # multi-label: tuned on this epoch's val
-        self.best_thresholds: list[float] | None = None  # ... and on the best epoch's
+        self.best_thresholds: list[float] | None = None  # multi-label: the best epoch's
         self.class_weight: torch.Tensor | None = None  # --class-weights, on the device
 
     def say(self, message: str) -> None:
@@ -208,17 +207,13 @@ class Trainer:
 
         import torch
 
-        from tlreg.data.sources import label_classes
-        from tlreg.engine.objective import class_weights
+        from tlreg.engine.objective import class_counts, class_weights
 
         labels = [s.label for s in data.train]
         weights = class_weights(self.config.class_weights, labels, data.classes)
         self.class_weight = (None if weights is None else
                              torch.tensor(weights, dtype=torch.float32, device=device))
-        counts = [0] * len(data.classes)
-        for y in labels:
-            for i in label_classes(y):
-                counts[i] += 1
+        counts = class_counts(labels, len(data.classes))
         small = [c for c, n in zip(data.classes, counts, strict=True)
                  if n < SMALL_CLASS * len(labels)]
         if small and weights is None:
@@ -409,7 +404,7 @@ class Trainer:
         multi = self.data.multi_label
         if multi:  # metrics at 0.5; the checkpoint keeps thresholds tuned on this val
             report = multilabel_report(labels, preds, classes)
-            self.thresholds = tune_thresholds(labels, preds, len(classes))
+            self._set_thresholds(tune_thresholds(labels, preds, len(classes)))
             scores = {"val_map": report["map"], "val_micro_f1": report["micro_f1"],
                       "val_macro_f1": report["macro_f1"]}
         else:
@@ -423,8 +418,6 @@ class Trainer:
             "trainable_params": self.model.num_trainable(), "seconds": seconds,
             "images_per_second": images / seconds if seconds > 0 else None,
         }
-        if multi:
-            self._set_thresholds(self.thresholds)
         if compiling is not None:  # torch.compile's share of `seconds`
             row["compile_seconds"] = compiling
         self.history.append(row)
@@ -458,6 +451,11 @@ class Trainer:
         if self.stop_reason is not None:
             self.say(f"stopping early: {self.stop_reason}")
         self.callbacks.call("on_epoch_saved", self, epoch)
+
+    @property
+    def thresholds(self) -> list[float] | None:
+        """Multi-label: the thresholds tuned on this epoch's val, which the model carries."""
+        return list(self.model.info.thresholds) or None
 
     def _set_thresholds(self, thresholds: list[float]) -> None:
         """The in-memory model carries the thresholds of its weights (this epoch's)."""

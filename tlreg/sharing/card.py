@@ -10,6 +10,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from tlreg.engine.objective import MULTI_LABEL
 from tlreg.sharing.format import (
     CURVE_FILE,
     FORMAT_NAME,
@@ -50,8 +51,8 @@ def model_card(config: Mapping[str, Any], *, has_curve: bool) -> str:
                       "public named source).",
     }[bb["weights"]]
     dc = config["data_config"]
-    thresholds = config.get("thresholds") if config.get("problem_type", "").startswith(
-        "multi") else None
+    thresholds = (config.get("thresholds") if config.get("problem_type") == MULTI_LABEL
+                  else None)
     if thresholds:
         outputs = ("Multi-label: each label has its own sigmoid probability, and a label "
                    "applies when its probability reaches its threshold (tuned for F1 on the "

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tlreg.engine.objective import SINGLE_LABEL
 from tlreg.errors import (
     ArtifactError,
     BackboneMismatchError,
@@ -128,17 +129,10 @@ def _rebuild(config: Mapping[str, Any], allow_mismatch: bool) -> tuple[TransferM
         policy_args=dict(config["policy"].get("args") or {}),
         label_names=tuple(config["label_names"]), hub_id=bb.get("hub_id"),
         data_config=_data_config_from_json(config["data_config"], model.data_config),
-        problem_type=config.get("problem_type") or info_default("problem_type"),
+        problem_type=config.get("problem_type") or SINGLE_LABEL,
         thresholds=tuple(float(v) for v in config.get("thresholds") or ()),
     )
     return model, info
-
-
-def info_default(name: str) -> Any:
-    """A ModelInfo field's default: what a config from before the field existed means."""
-    from tlreg.models.transfer import ModelInfo
-
-    return ModelInfo.__dataclass_fields__[name].default
 
 
 def _backbone_spec(bb: Mapping[str, Any]) -> BackboneSpec:
