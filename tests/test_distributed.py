@@ -46,7 +46,7 @@ if os.environ.get("T_WHOLE_DATA"):  # the deliberate bug: every rank sees the wh
     from torch.utils.data.distributed import DistributedSampler
     from tlreg.engine import sharding
 
-    def whole(n, *, shuffle, seed, epoch=0):
+    def whole(n, *, shuffle, seed, epoch=0, weights=None):
         s = DistributedSampler(range(n), num_replicas=1, rank=0, shuffle=shuffle, seed=seed)
         s.set_epoch(epoch)
         return s
@@ -109,6 +109,18 @@ if os.environ.get("T_COUNT"):  # images this rank ran through the backbone
 
     TransferModel.forward_features = counting
     TransferModel.inference_features = counting_inference
+if os.environ.get("T_SAMPLES"):  # the training indices this rank drew, one epoch per line
+    from tlreg.engine import sharding
+
+    weighted = sharding.WeightedShard.__iter__
+
+    def record(self):
+        drawn = list(weighted(self))
+        with Path(os.environ["T_SAMPLES"], f"rank{rank}").open("a") as f:
+            f.write(" ".join(map(str, drawn)) + "\n")
+        return iter(drawn)
+
+    sharding.WeightedShard.__iter__ = record
 from tlreg.cli import main
 
 main(sys.argv[1:])
@@ -404,3 +416,27 @@ def test_resume_keeps_the_global_batch(tmp_path: Path, monkeypatch: pytest.Monke
         distributed.launch(["train"], 2)
     monkeypatch.delenv("WORLD_SIZE")
     assert _resume_batch_size(tmp_path, 2) == 8
+
+
+def test_balanced_sampler_on_two_processes_draws_what_one_draws(
+        data: Path, worker: Path, tmp_path: Path) -> None:
+    """Each epoch the two ranks' draws together are the one-process draw (the same global
+    batches), and the trained weights match the one-process run's."""
+    opts = options("finetune", sampler="balanced")
+    ref = tmp_path / "ref"
+    fit(data=str(data), out=str(ref), batch_size=8, **opts)
+    out, samples = tmp_path / "run", tmp_path / "samples"
+    samples.mkdir()
+    proc = torchrun(str(worker), *argv(data, out, opts, batch_size=4), T_SAMPLES=str(samples))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [[list(map(int, line.split())) for line in
+              (samples / f"rank{r}").read_text().splitlines()] for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == BASE["epochs"]
+    from tlreg.engine.runtime import epoch_seed
+
+    for epoch, (r0, r1) in enumerate(zip(*ranks, strict=True)):
+        one = sharding.WeightedShard([1 / 8] * 16, seed=epoch_seed(BASE["seed"], epoch),
+                                     epoch=epoch, replicas=1, rank=0)
+        assert sorted(r0 + r1) == sorted(one.draws())  # the same multiset ...
+        assert [i for pair in zip(r0, r1, strict=True) for i in pair] == one.draws()  # order
+    assert max_diff(out, ref) < TOL

@@ -52,14 +52,17 @@ def expand_inputs(inputs: Sequence[str], path_column: str = "path") -> list[str]
 
 
 def _logits(model: TransferModel, samples: Sequence[Sample], batch_size: int,
-            device: str) -> tuple[torch.Tensor, list[int]]:
-    """Logits for the decodable samples (in order) and the positions that failed to decode."""
+            device: str, tta: str = "none") -> tuple[torch.Tensor, list[int]]:
+    """Logits for the decodable samples (in order) and the positions that failed to decode.
+
+    With `tta` (a name in `tlreg.data.tta.TTA`) each is the mean of its views' logits."""
     import torch
 
-    from tlreg.data.images import build_transform, make_loader
+    from tlreg.data.images import make_loader
+    from tlreg.data.tta import get_tta, tta_logits
 
-    transform = build_transform(model.data_config, train=False)
-    loader = make_loader(list(samples), transform, batch_size=batch_size,
+    views = get_tta(tta)(model.data_config)
+    loader = make_loader(list(samples), views.transform, batch_size=batch_size,
                          shuffle=False, seed=0, workers=0)
     model = model.to(device).eval()
     out, failed = [], []
@@ -67,12 +70,13 @@ def _logits(model: TransferModel, samples: Sequence[Sample], batch_size: int,
         for batch in loader:
             failed += batch.bad
             if len(batch.labels):
-                out.append(model(batch.images.to(device)).float().cpu())
+                out.append(tta_logits(model, batch.images.to(device), views).cpu())
     return (torch.cat(out) if out else torch.empty(0, model.info.num_classes)), failed
 
 
-def _check_options(batch_size: int, device: str, top_k: int = 1) -> None:
+def _check_options(batch_size: int, device: str, top_k: int = 1, tta: str = "none") -> None:
     """The same checks as training's options, before any image is read."""
+    from tlreg.data.tta import get_tta
     from tlreg.engine.config import check_device
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -80,21 +84,24 @@ def _check_options(batch_size: int, device: str, top_k: int = 1) -> None:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise UsageError(f"top_k must be an integer >= 1, got {top_k!r}")
     check_device(device)
+    get_tta(tta)
 
 
 def predict(model: TransferModel, inputs: Sequence[str], *, top_k: int = 1,
             batch_size: int = 32, device: str = "cpu",
-            path_column: str = "path") -> list[dict[str, Any]]:
+            path_column: str = "path", tta: str = "none") -> list[dict[str, Any]]:
     """Top-k labels and probabilities per image; unreadable files get an `error` entry.
 
     `inputs` are image files, folders, or tables listing files in `path_column`. A multi-label
     model's probabilities are independent sigmoids: each result also has `labels`, every label
-    whose probability reaches its threshold (tuned on val), and top-k still ranks them."""
-    _check_options(batch_size, device, top_k)
+    whose probability reaches its threshold (tuned on val), and top-k still ranks them.
+    `tta` ("none", "flip", "five-crop": `tlreg.data.tta`) averages the logits of several views
+    of each image; `logits` are then that mean."""
+    _check_options(batch_size, device, top_k, tta)
     from tlreg.data.sources import Sample
 
     files = expand_inputs(inputs, path_column)
-    logits, failed = _logits(model, [Sample(f, 0) for f in files], batch_size, device)
+    logits, failed = _logits(model, [Sample(f, 0) for f in files], batch_size, device, tta)
     thresholds = multi_label_thresholds(model)
     probs = logits.softmax(-1) if thresholds is None else logits.sigmoid()
     k = max(1, min(top_k, probs.shape[-1]))
@@ -130,17 +137,19 @@ def multi_label_thresholds(model: TransferModel) -> list[float] | None:
 
 
 def evaluate(model: TransferModel, data: str, *, batch_size: int = 32, device: str = "cpu",
-             source_args: Mapping[str, Any] | None = None) -> dict[str, Any]:
+             source_args: Mapping[str, Any] | None = None,
+             tta: str = "none") -> dict[str, Any]:
     """Accuracy, per-class precision / recall and the confusion matrix.
 
     `data` is a folder of `<class>/` folders (every image is scored), or any other source
-    (a table with a split column, `hf:...`): its validation split is scored.
+    (a table with a split column, `hf:...`): its validation split is scored. `tta` scores
+    the mean logits of several views of each image (`tlreg.data.tta`); the report names it.
     """
     from tlreg.data.folder import scan_folder
     from tlreg.data.sources import FOLDER, Sample, label_classes, multi_hot, open_source, resolve
     from tlreg.metrics import classification_report, multilabel_report
 
-    _check_options(batch_size, device)
+    _check_options(batch_size, device, tta=tta)
     classes = model.info.label_names
     if not classes:
         raise UsageError("this model has no label names to match the data's labels against")
@@ -161,7 +170,7 @@ def evaluate(model: TransferModel, data: str, *, batch_size: int = 32, device: s
         samples = [Sample(s.path, multi_hot([index[n] for n in row], len(classes))
                           if thresholds is not None else index[row[0]], s.data, s.key)
                    for s, row in zip(split.val, names, strict=True)]
-    logits, failed = _logits(model, samples, batch_size, device)
+    logits, failed = _logits(model, samples, batch_size, device, tta)
     bad = set(failed)
     labels = [s.label for i, s in enumerate(samples) if i not in bad]
     if thresholds is not None:
@@ -169,4 +178,5 @@ def evaluate(model: TransferModel, data: str, *, batch_size: int = 32, device: s
     else:
         report = classification_report(labels, logits.argmax(1).tolist(), classes)
     report["skipped"] = [samples[i].path for i in sorted(bad)]
+    report["tta"] = tta
     return report

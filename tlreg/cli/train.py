@@ -8,7 +8,9 @@ from typing import Annotated, Any
 import typer
 
 from tlreg.cli._output import print_json, print_table
+from tlreg.data.tta import TTA, get_tta
 from tlreg.engine.callbacks import MONITORS
+from tlreg.engine.loggers import LOGGERS
 from tlreg.engine.schedulers import SCHEDULERS
 from tlreg.errors import UsageError
 
@@ -46,6 +48,13 @@ MultiLabel = Annotated[bool | None, typer.Option(
     "detected from the labels; csv and hf).")]
 SourceArg = Annotated[list[str] | None, typer.Option(
     "--source-arg", help="key=value for the data source (a plugin's options).")]
+# `eval` and `predict`: test-time augmentation, the mean logits of several views per image.
+Tta = Annotated[str, typer.Option(
+    "--tta", help=f"Test-time augmentation: {' | '.join(TTA)} (mean logits of the views).")]
+
+
+LOG_HELP = (f"Log the run to {', '.join(LOGGERS)}; repeatable. csv (RUN/log.csv) is always on; "
+            "tensorboard and mlflow need pip install 'tlreg[NAME]' (docs/training.md).")
 
 
 def source_args(values: dict[str, Any], source_arg: list[str] | None) -> dict[str, Any]:
@@ -121,6 +130,17 @@ def train(
     ),
     epochs: int | None = typer.Option(None, "--epochs", "-e"),
     batch_size: int | None = typer.Option(None, "--batch-size"),
+    accumulate: int | None = typer.Option(
+        None, "--accumulate", metavar="N",
+        help="Batches per optimizer step: the step of a batch N times larger (default 1).",
+    ),
+    clip_grad: float | None = typer.Option(
+        None, "--clip-grad", metavar="NORM", help="Clip the gradients' global L2 norm."
+    ),
+    ema: float | None = typer.Option(
+        None, "--ema", metavar="DECAY",
+        help="Keep a moving average of the weights (e.g. 0.999); best is the better of the two.",
+    ),
     optimizer: str | None = typer.Option(
         None, "--optimizer", help="adamw, sgd, ... (any torch.optim)."
     ),
@@ -145,6 +165,11 @@ def train(
         None, "--class-weights", metavar="none|auto|FILE",
         help="Weigh the loss per class: auto (n / (classes x n_c); multi-label: pos_weight), "
         "or a YAML / JSON file of class: weight (default none).",
+    ),
+    sampler: str | None = typer.Option(
+        None, "--sampler", metavar="random|balanced",
+        help="balanced: draw training images with probability 1 / their class's size, "
+        "deterministic per seed and sharded under DDP (default random).",
     ),
     solver: str | None = typer.Option(
         None, "--solver",
@@ -231,6 +256,10 @@ def train(
     callback_arg: list[str] | None = typer.Option(
         None, "--callback-arg", help="key=value for the --callback (NAME:key=value with several)."
     ),
+    log: list[str] | None = typer.Option(
+        None, "--log", metavar="NAME",
+        help=LOG_HELP,
+    ),
 ) -> None:
     """Train a head (and, by policy, the backbone) on an image folder."""
     options = {
@@ -238,7 +267,7 @@ def train(
         for k, v in locals().items()
         if v is not None
         and k not in {"ctx", "config", "resume", "head_arg", "policy_arg", "devices",
-                      "callback", "callback_arg", "source_arg", *SOURCE_OPTIONS}
+                      "callback", "callback_arg", "source_arg", "log", *SOURCE_OPTIONS}
     }
     if devices is not None and devices != 1:
         _launch(ctx, devices)
@@ -253,6 +282,8 @@ def train(
         options["callbacks"] = list(callback)
     if callback_arg:
         options["callback_args"] = callback_args(callback or [], callback_arg)
+    if log:
+        options["log"] = list(log)
     from tlreg.engine.config import TrainConfig
     from tlreg.engine.trainer import fit
 
@@ -327,22 +358,25 @@ def evaluate(
     label_delimiter: LabelDelimiter = None,
     multi_label: MultiLabel = None,
     source_arg: SourceArg = None,
+    tta: Tta = "none",
 ) -> None:
     """Accuracy, per-class precision / recall and the confusion matrix."""
     from tlreg.predict import evaluate as run_eval
     from tlreg.predict import load_model
 
+    get_tta(tta)  # before the model loads
     report = run_eval(
         load_model(source, checkpoint=checkpoint), data, batch_size=batch_size, device=device,
-        source_args=source_args(locals(), source_arg),
+        source_args=source_args(locals(), source_arg), tta=tta,
     )
+    with_tta = "" if tta == "none" else f" (TTA {tta})"
     if as_json:
         print_json(report)
         return
     if "map" in report:  # multi-label
         typer.echo(f"mAP {report['map']:.4f}, F1 micro {report['micro_f1']:.4f} / macro "
                    f"{report['macro_f1']:.4f}, exact match {report['accuracy']:.4f} on "
-                   f"{report['images']} images")
+                   f"{report['images']} images{with_tta}")
         print_table(
             ["class", "precision", "recall", "AP", "threshold", "support"],
             [(c, f"{m['precision']:.3f}", f"{m['recall']:.3f}",
@@ -350,7 +384,7 @@ def evaluate(
               m["support"]) for c, m in report["per_class"].items()],
         )
         return
-    typer.echo(f"accuracy {report['accuracy']:.4f} on {report['images']} images")
+    typer.echo(f"accuracy {report['accuracy']:.4f} on {report['images']} images{with_tta}")
     print_table(
         ["class", "precision", "recall", "support"],
         [
@@ -383,17 +417,19 @@ def predict(
     path_column: str = typer.Option(
         "path", "--path-column", help="Column of image paths in a table input."
     ),
+    tta: Tta = "none",
 ) -> None:
     """Top-k predictions for images, folders and tables of image paths."""
     from tlreg.predict import load_model
     from tlreg.predict import predict as run_predict
 
+    get_tta(tta)  # before the model loads
     hub = {k: v for k, v in {"revision": revision, "token": token}.items() if v is not None}
     if allow_backbone_mismatch:
         hub["allow_backbone_mismatch"] = True
     model = load_model(source, checkpoint=checkpoint, **hub)
     results = run_predict(model, inputs, top_k=top_k, batch_size=batch_size, device=device,
-                          path_column=path_column)
+                          path_column=path_column, tta=tta)
     if csv is not None:
         _write_csv(csv, results, top_k)
     if as_json:

@@ -3,10 +3,10 @@
 A run calls, in this order (Lightning's contract, smaller)::
 
     on_run_start
-    per epoch:  on_epoch_start, on_train_step_end (every step), on_evaluate_end,
+    per epoch:  on_epoch_start, on_train_step_end (every optimizer step), on_evaluate_end,
                 on_epoch_end, on_save_checkpoint, [the epoch's checkpoint is written],
                 on_epoch_saved
-    on_run_end
+    on_run_end, or on_exception when an error or Ctrl-C ends the run (then it is raised)
 
 `state_dict()` (JSON data) is written into each `last` checkpoint at `on_save_checkpoint` time
 and handed back to `load_state_dict()` on `--resume`, so a run killed mid-way and resumed sees
@@ -47,7 +47,9 @@ class Callback:
     def on_epoch_start(self, trainer: Any, epoch: int) -> None: ...
 
     def on_train_step_end(self, trainer: Any, step: int, loss: torch.Tensor) -> None:
-        """`loss` stays on the device: reading it (`.item()`) waits for the step to finish."""
+        """After each optimizer step (`--accumulate N`: once per N batches, `loss` their mean).
+
+        `loss` stays on the device: reading it (`.item()`) waits for the step to finish."""
 
     def on_evaluate_end(self, trainer: Any, epoch: int, metrics: Mapping[str, Any]) -> None:
         """`metrics`: the epoch's history row (losses, accuracies, lr, seconds)."""
@@ -61,6 +63,10 @@ class Callback:
         """The epoch's checkpoint and history files exist (tlreg's `fit(callbacks=[fn])`)."""
 
     def on_run_end(self, trainer: Any, summary: Mapping[str, Any]) -> None: ...
+
+    def on_exception(self, trainer: Any, error: BaseException) -> None:
+        """The run ends by `error` (KeyboardInterrupt: Ctrl-C, after summary.json is written)
+        instead of `on_run_end`; close what `on_run_start` opened. It is raised afterwards."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from tlreg.engine.callbacks import MONITORS
+from tlreg.engine.loggers import LOGGERS
 from tlreg.engine.schedulers import SCHEDULERS
 from tlreg.errors import UsageError
 
 SOLVERS = ("auto", "cv", "sgd", "lbfgs")
+SAMPLERS = ("random", "balanced")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LR_SCALINGS = ("none", "linear")
 
@@ -38,6 +40,9 @@ class TrainConfig:
     weights: str | None = None
     epochs: int | None = None  # None: one CV fit on cached features, or the data-aware rule
     batch_size: int = 32
+    accumulate: int = 1  # batches per optimizer step: the step of a batch_size x N batch
+    clip_grad: float | None = None  # clip the gradients' global L2 norm to this
+    ema: float | None = None  # decay of a moving average of the weights (timm's ModelEmaV3)
     optimizer: str = "adamw"  # any torch.optim class, by name (checked when built)
     lr: float | None = None
     layer_decay: float | None = None
@@ -50,6 +55,7 @@ class TrainConfig:
     step_size: int = 7
     gamma: float = 0.1
     label_smoothing: float = 0.0
+    sampler: str = "random"  # balanced: draw images with probability 1 / their class's size
     class_weights: str = "none"  # none, auto (balanced), or a YAML / JSON file class: weight
     solver: str = "auto"  # auto: cv when the head fits on cached features and epochs is unset
     lp_ft: bool = True  # fit the head on frozen features before the backbone trains
@@ -84,6 +90,8 @@ class TrainConfig:
     early_stopping: int | None = None  # patience in epochs; None: run every epoch
     callbacks: list[str] = field(default_factory=list)  # tlreg.callbacks entry points
     callback_args: dict[str, Any] = field(default_factory=dict)  # name -> {arg: value}
+    # Loggers beside RUN/log.csv (always written): tensorboard, mlflow (tlreg.engine.loggers)
+    log: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # One validation layer for the CLI, YAML and Python: typed parsing, then ranges.
@@ -95,10 +103,13 @@ class TrainConfig:
         if self.monitor is not None:
             _choice("monitor", self.monitor, tuple(MONITORS))
         _choice("solver", self.solver, SOLVERS)
+        _choice("sampler", self.sampler, SAMPLERS)
         _choice("precision", self.precision, PRECISIONS)
         _choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
         _choice("decoded_cache", self.decoded_cache, ("auto", "off", "memory", "disk"))
         check_device(self.device)
+        for name in self.log:
+            _choice("log", name, tuple(LOGGERS))
         for name, args in self.callback_args.items():
             if name not in self.callbacks:
                 raise UsageError(f"callback_args names {name!r}, which is not in callbacks "
@@ -148,6 +159,9 @@ class TrainConfig:
 _RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "epochs": (1, None, "both"),
     "batch_size": (1, None, "both"),
+    "accumulate": (1, None, "both"),
+    "clip_grad": (0, None, "none"),
+    "ema": (0, 1, "none"),
     "lr": (0, None, "none"),
     "layer_decay": (0, 1, "high"),
     "backbone_lr_mult": (0, None, "none"),

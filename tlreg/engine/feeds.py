@@ -24,8 +24,9 @@ class FeatureFeed:
 
     def __init__(self, head: torch.nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
                  x_val: torch.Tensor, y_val: torch.Tensor, *, global_batch: int,
-                 label_smoothing: float) -> None:
+                 label_smoothing: float, balanced: bool = False) -> None:
         self.head, self.global_batch, self.smoothing = head, global_batch, label_smoothing
+        self.balanced = balanced  # --sampler balanced: draws weighted by 1 / class size
         self.x_train, self.y_train, self.x_val, self.y_val = x_train, y_train, x_val, y_val
 
     def forward(self, epoch: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -38,7 +39,14 @@ class FeatureFeed:
         import torch
 
         gen = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(self.x_train), generator=gen).to(self.x_train.device)
+        n = len(self.x_train)
+        if self.balanced:
+            y = self.y_train.cpu()
+            weights = (1.0 / torch.bincount(y).double())[y]
+            order = torch.multinomial(weights, n, replacement=True, generator=gen)
+        else:
+            order = torch.randperm(n, generator=gen)
+        order = order.to(self.x_train.device)
         step = self.global_batch
 
         def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

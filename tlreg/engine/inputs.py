@@ -137,7 +137,14 @@ class Inputs:
         from tlreg.data.images import make_loader
 
         cfg = self.config
-        sampler = sharding.sampler(len(samples), shuffle=train, seed=seed, epoch=epoch)
+        weights = None
+        if train and cfg.sampler == "balanced":
+            from tlreg.engine.objective import balanced_sample_weights
+
+            labels = [s.label for s in samples]
+            weights = balanced_sample_weights(labels, max(labels) + 1) if labels else None
+        sampler = sharding.sampler(len(samples), shuffle=train, seed=seed, epoch=epoch,
+                                   weights=weights)
         decoded = self.decoded_train if train else self.decoded_val
         if decoded is not None:
             order = [i for i in sampler if decoded.images[i] is not None]

@@ -79,6 +79,13 @@ def class_counts(labels: Sequence[int | tuple[int, ...]], k: int) -> list[int]:
     return counts
 
 
+def balanced_sample_weights(labels: Sequence[int], k: int) -> list[float]:
+    """`--sampler balanced`: each image drawn with probability 1 / (k x its class's images),
+    so every class is drawn equally often in expectation."""
+    counts = class_counts(labels, k)
+    return [1.0 / counts[y] for y in labels]
+
+
 def class_weights(spec: str, labels: Sequence[int | tuple[int, ...]],
                   classes: Sequence[str]) -> list[float] | None:
     """Per-class loss weights from `--class-weights`: none, auto, or a YAML / JSON file.

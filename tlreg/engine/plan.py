@@ -42,10 +42,20 @@ def plan_run(cfg: TrainConfig, model: TransferModel, spec: BackboneSpec, *, trai
     use_features = frozen_run and not augment
     solver = cfg.solver
     if solver == "auto":
-        solver = "cv" if use_features and cfg.epochs is None else "sgd"
+        # --ema and --sampler balanced act on steps: such a head trains by steps
+        by_steps = cfg.ema is not None or cfg.sampler == "balanced"
+        solver = "cv" if use_features and cfg.epochs is None and not by_steps else "sgd"
     if solver in ("cv", "lbfgs") and not use_features:
         raise UsageError(f"--solver {solver} fits the head on cached features; it needs a "
                          "frozen backbone (policy feature-extract) and no --augment")
+    if cfg.sampler == "balanced" and solver in ("cv", "lbfgs"):
+        raise UsageError(f"--sampler balanced draws the batches of gradient steps, but this "
+                         f"head is fitted in one solve on every image (--solver {solver}); "
+                         "use --class-weights auto there, or train by steps (--epochs N)")
+    if cfg.ema is not None and solver in ("cv", "lbfgs"):
+        raise UsageError(f"--ema averages the weights over gradient steps, but this head is "
+                         f"fitted in one convex solve (--solver {solver}); train it by steps "
+                         "with --epochs N (or --solver sgd), or drop --ema")
     if solver == "lbfgs" and cfg.head != "linear":
         raise UsageError(f"--solver lbfgs fits a linear head, not {cfg.head!r}")
     lr, epochs, warmup = cfg.lr, cfg.epochs, cfg.warmup_epochs
@@ -53,8 +63,8 @@ def plan_run(cfg: TrainConfig, model: TransferModel, spec: BackboneSpec, *, trai
     if solver == "cv":
         epochs = epochs or 1  # one fit to the optimum: it is the whole run
     elif not frozen_run:
-        rule = finetune_defaults(train_images=train_images,
-                                 global_batch=cfg.batch_size * distributed.planned_world(),
+        step_batch = cfg.batch_size * cfg.accumulate * distributed.planned_world()
+        rule = finetune_defaults(train_images=train_images, global_batch=step_batch,
                                  head_lr=spec.lr, probed=cfg.lp_ft, epochs=cfg.epochs)
         defaults_rule = rule.record()
         epochs = epochs or rule.epochs

@@ -62,6 +62,7 @@ def write_summary(t: Trainer, data: DataSplit, wall: float, status: str) -> dict
         "best_val_accuracy": t.best_row().get("val_accuracy"),
         "best_epoch": t.best_epoch,
         "monitor": t.monitor.name, "best_score": t.best_score,
+        **({"ema": t.config.ema, "best_weights": t.best_from} if t.ema is not None else {}),
         "stopped_early": t.stop_reason is not None, "stop_reason": t.stop_reason,
         "epochs": len(t.history),
         "train_images": len(data.train), "val_images": len(data.val),
@@ -125,7 +126,8 @@ def save_last(t: Trainer, epoch: int) -> None:
 
     model_tensors, frozen = checkpoint_tensors(t)
     save_train_state(t.run_dir / "checkpoints" / "last", model_tensors, frozen,
-                     t.optimizer, t.scheduler, {
+                     t.optimizer, t.scheduler, extra_tensors=t.ema.tensors() if t.ema else None,
+                     state={
                          "epoch": epoch + 1, "history": t.history,
                          "best_val_accuracy": t.best_row().get("val_accuracy", -1.0),
                          "best_score": t.best_score, "best_epoch": t.best_epoch,
@@ -133,6 +135,8 @@ def save_last(t: Trainer, epoch: int) -> None:
                          "wall_seconds": sum(h["seconds"] for h in t.history),
                          "callbacks": t.callbacks.state_dict(),
                          "stop_reason": t.stop_reason,
+                         "best_from": t.best_from,
+                         "ema_updates": t.ema.updates if t.ema else None,
                          **({"thresholds": t.thresholds, "best_thresholds": t.best_thresholds}
                             if t.thresholds else {})})
 
@@ -169,6 +173,9 @@ def load_last(t: Trainer) -> None:
     t._previous_wall = state.get("wall_seconds", 0.0)
     t.callbacks.load_state_dict(state.get("callbacks") or {})
     t.stop_reason = state.get("stop_reason")
+    t.best_from = state.get("best_from") or "model"
+    if t.ema is not None:
+        t.ema.load_tensors(state["extra_tensors"], state.get("ema_updates") or 0)
     t.best_thresholds = state.get("best_thresholds")
     if state.get("thresholds"):
         t._set_thresholds(state["thresholds"])

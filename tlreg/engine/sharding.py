@@ -7,7 +7,7 @@ for the rules that keep N processes equal to one.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from tlreg.engine.distributed import (
@@ -28,14 +28,17 @@ if TYPE_CHECKING:
     from tlreg.data.sources import Sample
 
 
-def sampler(n: int, *, shuffle: bool, seed: int, epoch: int = 0) -> Any:
+def sampler(n: int, *, shuffle: bool, seed: int, epoch: int = 0,
+            weights: Sequence[float] | None = None) -> Any:
     """This rank's DistributedSampler over `n` samples (also for one process: same order).
 
     Training (`shuffle`): one permutation per (seed, epoch), identical on every rank; rank r
     takes positions r, r + N, ..., padded to a multiple of N by repeating the first indices.
     Evaluation: the indices in order, sharded the same way; the padded duplicates are dropped
-    again by `gather_by_index`.
+    again by `gather_by_index`. With `weights` (`--sampler balanced`): `WeightedShard`.
     """
+    if weights is not None:
+        return WeightedShard(weights, seed=seed, epoch=epoch, replicas=world(), rank=rank())
     from torch.utils.data.distributed import DistributedSampler
 
     indices: Any = range(n)  # DistributedSampler only takes len() of its data set
@@ -43,6 +46,39 @@ def sampler(n: int, *, shuffle: bool, seed: int, epoch: int = 0) -> Any:
                            seed=seed, drop_last=False)
     s.set_epoch(epoch)
     return s
+
+
+class WeightedShard:
+    """n draws with replacement, each index with probability proportional to its weight.
+
+    The draw depends on (seed, epoch) alone, so every rank draws the same global list and
+    keeps DistributedSampler's shard of it (positions rank, rank + N, ..., padded to a multiple
+    of N by repeating the first draws): N processes see the multiset one process sees, and each
+    global batch the same images. torch's WeightedRandomSampler has no shards, and
+    DistributedSampler no weights, hence this small class.
+    """
+
+    def __init__(self, weights: Sequence[float], *, seed: int, epoch: int, replicas: int,
+                 rank: int) -> None:
+        self.weights, self.seed, self.epoch = list(weights), seed, epoch
+        self.replicas, self.rank = replicas, rank
+        self.total = math.ceil(len(self.weights) / replicas) * replicas
+
+    def draws(self) -> list[int]:
+        """The global list, the same on every rank."""
+        import torch
+
+        n = len(self.weights)
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)  # as DistributedSampler
+        drawn = torch.multinomial(torch.tensor(self.weights, dtype=torch.float64), n,
+                                  replacement=True, generator=gen).tolist()
+        return drawn + drawn[:self.total - n]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.draws()[self.rank::self.replicas])
+
+    def __len__(self) -> int:
+        return self.total // self.replicas
 
 
 def gather_by_index(indices: torch.Tensor, *columns: torch.Tensor) -> tuple[torch.Tensor, ...]:

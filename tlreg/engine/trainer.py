@@ -9,6 +9,7 @@ only builds the config.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sys
@@ -22,6 +23,7 @@ from tlreg._io import atomic_write_json, checkpoint_dir
 from tlreg.engine import distributed, probe, record, replicas, sharding
 from tlreg.engine.callbacks import Callback, Callbacks, EarlyStopping, Monitor
 from tlreg.engine.config import TrainConfig
+from tlreg.engine.loggers import build_loggers
 from tlreg.errors import TlregError, UsageError
 from tlreg.runs import rundir
 
@@ -30,7 +32,9 @@ if TYPE_CHECKING:
 
     from tlreg.data.augment import Augment
     from tlreg.data.sources import DataSplit
+    from tlreg.engine.ema import EMA
     from tlreg.engine.loop import Fitter
+    from tlreg.engine.objective import Evaluation
     from tlreg.engine.solver import HeadFit
     from tlreg.models.transfer import TransferModel
 
@@ -113,6 +117,7 @@ class Trainer:
         self.resume = resume
         self.run_dir = Path(config.out)
         self.callbacks = Callbacks.of(config.callbacks, config.callback_args, callbacks)
+        self.callbacks.named[:0] = build_loggers(config.log, resume)  # log.csv, --log ...
         self.monitor = Monitor(config.monitor or "val_accuracy", config.min_delta)
         self.history: list[dict[str, Any]] = []
         self.best_score: float | None = None  # the monitored metric of checkpoints/best
@@ -128,6 +133,8 @@ class Trainer:
         self.probe_xy: tuple[torch.Tensor, torch.Tensor] | None = None
         self.best_thresholds: list[float] | None = None  # multi-label: the best epoch's
         self.class_weight: torch.Tensor | None = None  # --class-weights, on the device
+        self.ema: EMA | None = None  # --ema: the average of what trains
+        self.best_from = "model"  # whose weights checkpoints/best holds: model or ema
 
     def say(self, message: str) -> None:
         _say(self.config, message)
@@ -209,6 +216,9 @@ class Trainer:
 
         from tlreg.engine.objective import class_counts, class_weights
 
+        if self.config.sampler == "balanced" and data.multi_label:
+            raise UsageError("--sampler balanced draws images by their class, and a multi-label "
+                             "image has several; use --class-weights auto (pos_weight) instead")
         labels = [s.label for s in data.train]
         weights = class_weights(self.config.class_weights, labels, data.classes)
         self.class_weight = (None if weights is None else
@@ -216,12 +226,13 @@ class Trainer:
         counts = class_counts(labels, len(data.classes))
         small = [c for c, n in zip(data.classes, counts, strict=True)
                  if n < SMALL_CLASS * len(labels)]
-        if small and weights is None:
+        if small and weights is None and self.config.sampler != "balanced":
             warnings.warn(f"class{'es' if len(small) > 1 else ''} {', '.join(map(repr, small))} "
                           f"{'are' if len(small) > 1 else 'is'} under {SMALL_CLASS:.0%} of the "
                           "training images; --class-weights auto weighs the loss against the "
-                          "imbalance (and --monitor val_balanced_accuracy picks the best epoch "
-                          "by it)", stacklevel=2)
+                          "imbalance, --sampler balanced draws every class equally often (and "
+                          "--monitor val_balanced_accuracy picks the best epoch by it)",
+                          stacklevel=2)
 
     def plan(self, train_images: int) -> None:
         """The run's plan from what was asked (called again after `--policy auto` decided)."""
@@ -281,12 +292,16 @@ class Trainer:
             model, cfg.optimizer, lr=cfg.lr * self.lr_scale, layer_decay=cfg.layer_decay,
             weight_decay=cfg.weight_decay, backbone_lr_mult=cfg.backbone_lr_mult,
             min_lr=cfg.min_lr * self.lr_scale, momentum=cfg.momentum)
-        steps = sharding.steps_per_epoch(len(data.train), cfg.batch_size,
-                                         features=self.use_features)
+        steps = -(-sharding.steps_per_epoch(len(data.train), cfg.batch_size,
+                                            features=self.use_features) // cfg.accumulate)
         self.scheduler, self.interval = build_scheduler(
             self.optimizer, cfg.scheduler, epochs=cfg.epochs, steps_per_epoch=steps,
             warmup_epochs=cfg.warmup_epochs, step_size=cfg.step_size, gamma=cfg.gamma,
             min_lr=cfg.min_lr * self.lr_scale)
+        if cfg.ema is not None:  # from the weights training starts at (after LP-FT's fit)
+            from tlreg.engine.ema import EMA
+
+            self.ema = EMA(model.head if self.use_features else model, cfg.ema)
         distributed.barrier()  # every rank checked --out before rank 0 creates it
         if self.resume:
             rundir.check_resume(self.run_dir, self.fingerprint(data), cfg.resume_anyway,
@@ -298,14 +313,18 @@ class Trainer:
         self.data = data
         started = time.perf_counter()
         status = "completed"
-        self.callbacks.call("on_run_start", self)
         try:
+            self.callbacks.call("on_run_start", self)
             self._epochs(self._fitter(data))
-        except KeyboardInterrupt:
-            status = "interrupted"
+        except KeyboardInterrupt as stop:
+            status, interrupt = "interrupted", stop
+        except BaseException as exc:
+            self.callbacks.call("on_exception", self, exc)
+            raise
         wall = time.perf_counter() - started + self._previous_wall
         summary = record.write_summary(self, data, wall, status)
         if status == "interrupted":
+            self.callbacks.call("on_exception", self, interrupt)
             raise Interrupted(f"interrupted; epochs 1-{len(self.history)} are saved. Continue "
                               f"with: tlreg train --resume {self.run_dir}")
         self.callbacks.call("on_run_end", self, summary)
@@ -335,7 +354,8 @@ class Trainer:
                      f"in {self.feature_seconds:.1f}s")
             feed: Any = FeatureFeed(self.model.head, x_train, y_train, x_val, y_val,
                                     global_batch=self.global_batch,
-                                    label_smoothing=cfg.label_smoothing)
+                                    label_smoothing=cfg.label_smoothing,
+                                    balanced=cfg.sampler == "balanced")
             if cfg.solver == "cv":
                 def fit_once(x: torch.Tensor, y: torch.Tensor) -> HeadFit:
                     self.head_fit = probe.fit_head(self, x, y)  # summary.json: head_fit
@@ -355,9 +375,14 @@ class Trainer:
         return SGD(feed, optimizer=self.optimizer, scheduler=self.scheduler,
                    per_step=self.interval == "step", epochs=cfg.epochs,
                    label_smoothing=cfg.label_smoothing, runtime=runtime,
-                   class_weight=self.class_weight,
-                   on_step=lambda step, loss: self.callbacks.call(
-                       "on_train_step_end", self, step, loss))
+                   class_weight=self.class_weight, accumulate=cfg.accumulate,
+                   clip_grad=cfg.clip_grad,
+                   on_step=self._after_step)
+
+    def _after_step(self, step: int, loss: torch.Tensor) -> None:
+        if self.ema is not None:
+            self.ema.update()
+        self.callbacks.call("on_train_step_end", self, step, loss)
 
     def _epochs(self, fitter: Fitter) -> None:
         import torch
@@ -385,60 +410,86 @@ class Trainer:
                 if fitter.steps_scheduler and self.interval == "epoch":
                     self.scheduler.step()
                 val_loss, labels, preds = fitter.evaluate()
+                averaged = None
+                if self.ema is not None:
+                    with self.ema.swapped():
+                        averaged = fitter.evaluate()
                 compiling = (compile_seconds() - compiled_before) if timing else None
                 self._end_epoch(epoch, stats.loss, stats.accuracy, val_loss, labels, preds,
                                 stats.images, time.perf_counter() - t + stats.extra_seconds,
-                                compiling)
+                                compiling, averaged)
                 if self.stop_reason is not None:
                     break
 
+    def _score(self, loss: float, labels: list[Any], preds: list[Any],
+               prefix: str = "") -> tuple[dict[str, Any], dict[str, Any], list[float] | None]:
+        """One evaluation's report, its history columns and (multi-label) tuned thresholds."""
+        from tlreg.metrics import classification_report, multilabel_report, tune_thresholds
+
+        classes = self.data.classes
+        if self.data.multi_label:  # metrics at 0.5; the checkpoint keeps thresholds tuned here
+            report = multilabel_report(labels, preds, classes)
+            thresholds = tune_thresholds(labels, preds, len(classes))
+            scores = {"val_map": report["map"], "val_micro_f1": report["micro_f1"],
+                      "val_macro_f1": report["macro_f1"]}
+        else:
+            report, thresholds = classification_report(labels, preds, classes), None
+            scores = {"val_balanced_accuracy": report["balanced_accuracy"],
+                      "val_macro_f1": report["macro_f1"]}
+        scores = {"val_loss": loss, "val_accuracy": report["accuracy"], **scores}
+        return report, {prefix + k: v for k, v in scores.items()}, thresholds
+
     def _end_epoch(self, epoch: int, train_loss: float, train_acc: float, val_loss: float,
-                   labels: list[int], preds: list[int], images: int, seconds: float,
-                   compiling: float | None = None) -> None:
+                   labels: list[Any], preds: list[Any], images: int, seconds: float,
+                   compiling: float | None = None, averaged: Evaluation | None = None) -> None:
         from tlreg._io import save_checkpoint
         from tlreg.engine.optim import layer_lrs
-        from tlreg.metrics import classification_report, multilabel_report, tune_thresholds
+        from tlreg.metrics import multilabel_report
 
         self.inputs.gather_skipped()
         classes = self.data.classes
         multi = self.data.multi_label
-        if multi:  # metrics at 0.5; the checkpoint keeps thresholds tuned on this val
-            report = multilabel_report(labels, preds, classes)
-            self._set_thresholds(tune_thresholds(labels, preds, len(classes)))
-            scores = {"val_map": report["map"], "val_micro_f1": report["micro_f1"],
-                      "val_macro_f1": report["macro_f1"]}
-        else:
-            report = classification_report(labels, preds, classes)
-            scores = {"val_balanced_accuracy": report["balanced_accuracy"],
-                      "val_macro_f1": report["macro_f1"]}
+        report, scores, thresholds = self._score(val_loss, labels, preds)
+        if thresholds is not None:
+            self._set_thresholds(thresholds)
         row = {
             "epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
-            "val_loss": val_loss, "val_accuracy": report["accuracy"], **scores,
-            "lr": layer_lrs(self.optimizer),
+            **scores, "lr": layer_lrs(self.optimizer),
             "trainable_params": self.model.num_trainable(), "seconds": seconds,
             "images_per_second": images / seconds if seconds > 0 else None,
         }
+        name = self.monitor.name
+        score, source = row[name], "model"
+        if averaged is not None:  # --ema: the average competes for best on the same metric
+            ema_report, ema_scores, ema_thresholds = self._score(*averaged, prefix="ema_")
+            row |= ema_scores
+            if self.monitor.improves(row.get("ema_" + name), score):
+                score, source = row["ema_" + name], "ema"
+                report, labels, preds, thresholds = ema_report, *averaged[1:], ema_thresholds
         if compiling is not None:  # torch.compile's share of `seconds`
             row["compile_seconds"] = compiling
         self.history.append(row)
-        is_best = self.monitor.improves(row[self.monitor.name], self.best_score)
+        is_best = self.monitor.improves(score, self.best_score)
         if is_best:
-            self.best_score, self.best_epoch = float(row[self.monitor.name]), epoch + 1
-            self.best_thresholds = self.thresholds
+            self.best_score, self.best_epoch, self.best_from = float(score), epoch + 1, source
+            self.best_thresholds = thresholds
         self.callbacks.call("on_evaluate_end", self, epoch, row)
         self.callbacks.call("on_epoch_end", self, epoch)
         self._share_stop()
         self.callbacks.call("on_save_checkpoint", self, epoch)
         if distributed.is_main():  # every rank holds the same state; rank 0 saves it
             if is_best:
-                tensors, frozen = record.checkpoint_tensors(self)
-                extra = {"thresholds": self.thresholds,
+                with self.ema.swapped() if source == "ema" else contextlib.nullcontext():
+                    tensors, frozen = record.checkpoint_tensors(self)
+                    tensors = {k: v.clone() for k, v in tensors.items()} if source == "ema" \
+                        else tensors
+                extra = {"thresholds": thresholds,
                          "report_tuned": multilabel_report(labels, preds, classes,
-                                                           self.thresholds)} if multi else {}
+                                                           thresholds)} if multi else {}
                 save_checkpoint(self.run_dir / "checkpoints" / "best", tensors,
                                 {"epoch": epoch + 1, "val_accuracy": report["accuracy"],
                                  "monitor": self.monitor.name, "score": self.best_score,
-                                 "report": report, **extra}, frozen=frozen)
+                                 "weights": source, "report": report, **extra}, frozen=frozen)
             record.save_last(self, epoch)
             atomic_write_json(self.run_dir / "history.json", self.history)
         distributed.barrier()  # the epoch's files exist before any rank goes on
@@ -474,7 +525,11 @@ class Trainer:
     # -- the run's record -------------------------------------------------------------------
 
     def best_row(self) -> dict[str, Any]:
-        return self.history[self.best_epoch - 1] if self.best_epoch else {}
+        """The best epoch's history row, with the average's val metrics when --ema won it."""
+        row = self.history[self.best_epoch - 1] if self.best_epoch else {}
+        if self.best_from == "ema":
+            row = {**row, **{k[4:]: v for k, v in row.items() if k.startswith("ema_")}}
+        return row
 
 
 

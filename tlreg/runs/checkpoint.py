@@ -96,8 +96,10 @@ def load_run_model(run_dir: Path, checkpoint: str = "best") -> TransferModel:
 
 
 def save_train_state(path: Path, model_tensors: Mapping[str, Tensor], frozen: Path | None,
-                     optimizer: Any, scheduler: Any, state: Mapping[str, Any]) -> None:
-    """A `last` checkpoint: model, optimizer (tensors apart), scheduler, every RNG, `state`."""
+                     optimizer: Any, scheduler: Any, state: Mapping[str, Any],
+                     extra_tensors: Mapping[str, Tensor] | None = None) -> None:
+    """A `last` checkpoint: model, optimizer (tensors apart), scheduler, every RNG, `state`;
+    `extra_tensors` (e.g. --ema's average) come back as `state["extra_tensors"]`."""
     import random
 
     import numpy as np
@@ -105,6 +107,7 @@ def save_train_state(path: Path, model_tensors: Mapping[str, Tensor], frozen: Pa
 
     opt = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
+    tensors |= {f"extra.{k}": v for k, v in (extra_tensors or {}).items()}
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     opt_state: dict[str, dict[str, Any]] = {}
@@ -159,4 +162,5 @@ def load_train_state(path: Path, model: Any, optimizer: Any, scheduler: Any,
     random.setstate((py[0], tuple(py[1]), py[2]))
     npst = state["rng"]["numpy"]
     np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
-    return state
+    return {**state, "extra_tensors": {k[6:]: v.to(device) for k, v in tensors.items()
+                                       if k.startswith("extra.")}}

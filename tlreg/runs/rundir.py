@@ -2,7 +2,8 @@
 
 Layout::
 
-    RUN/config.yaml  run.json  model.json  history.json  summary.json  training.png
+    RUN/config.yaml  run.json  model.json  history.json  summary.json  training.png  log.csv
+    RUN/tensorboard/ (--log tensorboard)
     RUN/checkpoints/best/   RUN/checkpoints/last/   RUN/checkpoints/frozen.safetensors
 """
 
@@ -22,7 +23,7 @@ from tlreg.lock import LOCK_NAME, exclusive
 #: What a run writes in its folder (a folder holding only these and no saved epoch is a run
 #: killed before it started).
 RUN_FILES = ("config.yaml", "model.json", "run.json", "history.json", "summary.json",
-             "training.png", "checkpoints")
+             "training.png", "log.csv", "tensorboard", "checkpoints")
 
 
 def leftover(name: str) -> bool:
