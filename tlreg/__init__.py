@@ -19,19 +19,20 @@ _LAZY = {
     "FreezePlan": "tlreg.models.policies",
     "build_optimizer": "tlreg.engine.optim",
     "fit": "tlreg.engine.trainer",
+    "lr_find": "tlreg.engine.trainer",
     "TrainConfig": "tlreg.engine.config",
     "TlregError": "tlreg.errors",
 }
 
 __all__ = [  # noqa: RUF022 - listed explicitly so linters and IDEs see the lazy names
     "__version__", "BackboneSpec", "FreezePlan", "TlregError", "TrainConfig", "TransferModel",
-    "build_optimizer", "create_model", "fit",
+    "build_optimizer", "create_model", "fit", "lr_find",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
     from tlreg.engine.config import TrainConfig
     from tlreg.engine.optim import build_optimizer
-    from tlreg.engine.trainer import fit
+    from tlreg.engine.trainer import fit, lr_find
     from tlreg.errors import TlregError
     from tlreg.models.backbones import BackboneSpec
     from tlreg.models.policies import FreezePlan

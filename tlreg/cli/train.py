@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +22,7 @@ cache_app = typer.Typer(help="Inspect or clear the feature and decoded-image cac
 
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
+    app.command("lr-find")(_with_json(lr_find))
     app.command("eval")(evaluate)
     app.command("predict")(predict)
     app.add_typer(cache_app, name="cache")
@@ -55,6 +58,16 @@ Tta = Annotated[str, typer.Option(
 
 LOG_HELP = (f"Log the run to {', '.join(LOGGERS)}; repeatable. csv (RUN/log.csv) is always on; "
             "tensorboard and mlflow need pip install 'tlreg[NAME]' (docs/training.md).")
+
+
+def _with_json(command: Any) -> Any:
+    """`command` with one more flag, --json, after the options it shares with train."""
+    sig = inspect.signature(command, eval_str=True)
+    flag = inspect.Parameter("json_output", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                             default=typer.Option(False, "--json", help="Print the sweep."))
+    command.__signature__ = sig.replace(parameters=[*sig.parameters.values(), flag])
+    command.__annotations__ = {**command.__annotations__, "json_output": bool}
+    return command
 
 
 def source_args(values: dict[str, Any], source_arg: list[str] | None) -> dict[str, Any]:
@@ -144,8 +157,10 @@ def train(
     optimizer: str | None = typer.Option(
         None, "--optimizer", help="adamw, sgd, ... (any torch.optim)."
     ),
-    lr: float | None = typer.Option(
-        None, "--lr", help="Head learning rate (default: the backbone's)."
+    lr: str | None = typer.Option(
+        None, "--lr", metavar="LR|find",
+        help="Head learning rate (default: the backbone's), or find: the range test picks it "
+        "(tlreg lr-find).",
     ),
     layer_decay: float | None = typer.Option(
         None, "--layer-decay", help="LR factor per layer from the head."
@@ -262,28 +277,10 @@ def train(
     ),
 ) -> None:
     """Train a head (and, by policy, the backbone) on an image folder."""
-    options = {
-        k: v
-        for k, v in locals().items()
-        if v is not None
-        and k not in {"ctx", "config", "resume", "head_arg", "policy_arg", "devices",
-                      "callback", "callback_arg", "source_arg", "log", *SOURCE_OPTIONS}
-    }
     if devices is not None and devices != 1:
         _launch(ctx, devices)
         return
-    if head_arg:
-        options["head_args"] = parse_kv(head_arg, "head-arg")
-    if policy_arg:
-        options["policy_args"] = parse_kv(policy_arg, "policy-arg")
-    if sources := source_args(locals(), source_arg):
-        options["source_args"] = sources
-    if callback:
-        options["callbacks"] = list(callback)
-    if callback_arg:
-        options["callback_args"] = callback_args(callback or [], callback_arg)
-    if log:
-        options["log"] = list(log)
+    options = _options(locals())
     from tlreg.engine.config import TrainConfig
     from tlreg.engine.trainer import fit
 
@@ -308,6 +305,67 @@ def train(
         f"{s['skipped_files']} files skipped -> {result.run_dir}"
         + (f" (stopped early: {s['stop_reason']})" if s.get("stopped_early") else "")
     )
+
+
+def _options(values: dict[str, Any]) -> dict[str, Any]:
+    """TrainConfig options from train's flags (unset ones left to the config's defaults)."""
+    options = {
+        k: v
+        for k, v in values.items()
+        if v is not None
+        and k not in {"ctx", "config", "resume", "head_arg", "policy_arg", "devices",
+                      "callback", "callback_arg", "source_arg", "log", *SOURCE_OPTIONS}
+    }
+    head_arg, policy_arg, callback = values["head_arg"], values["policy_arg"], values["callback"]
+    callback_arg, log = values["callback_arg"], values["log"]
+    if head_arg:
+        options["head_args"] = parse_kv(head_arg, "head-arg")
+    if policy_arg:
+        options["policy_args"] = parse_kv(policy_arg, "policy-arg")
+    if sources := source_args(values, values["source_arg"]):
+        options["source_args"] = sources
+    if callback:
+        options["callbacks"] = list(callback)
+    if callback_arg:
+        options["callback_args"] = callback_args(callback or [], callback_arg)
+    if log:
+        options["log"] = list(log)
+    return options
+
+
+@functools.wraps(train)
+def lr_find(**values: Any) -> None:
+    if values.get("resume") is not None or values.get("devices") not in (None, 1):
+        raise UsageError("tlreg lr-find sweeps a new run's rate in one process; --resume and "
+                         "--devices do not apply")
+    as_json = values.pop("json_output", False)
+    options = _options(values)
+    options.pop("lr", None)  # the sweep chooses it
+    if as_json:
+        options["quiet"] = True  # stdout is the JSON document alone
+    from tlreg.engine.config import TrainConfig
+    from tlreg.engine.trainer import lr_find as run_lr_find
+
+    config = values.get("config")
+    if config is not None:
+        cfg = TrainConfig.from_yaml(config, **options)
+    else:
+        if "data" not in options or "out" not in options:
+            raise UsageError("tlreg lr-find needs DATA_DIR and --out (or --config FILE)")
+        cfg = TrainConfig.from_dict(options)
+    sweep = run_lr_find(cfg)
+    if as_json:
+        print_json(sweep.to_dict())
+        return
+    print_table(["suggestion", "head lr"], [[name, "-" if lr is None else f"{lr:.3g}"]
+                                            for name, lr in sweep.suggestions.items()])
+    typer.echo(f"{len(sweep.lrs)} steps in {sweep.seconds:.1f}s ({sweep.stopped}) -> "
+               f"{Path(cfg.out) / 'lr_find.png'}, {Path(cfg.out) / 'lr_find.json'}; "
+               "tlreg train --lr find trains at the valley")
+
+
+lr_find.__doc__ = ("The learning-rate range test (fastai's lr_find): the loss over rates from "
+                   "1e-7 to 10, suggestions, lr_find.png; every tlreg train option applies.")
 
 
 def _launch(ctx: typer.Context, devices: int) -> None:

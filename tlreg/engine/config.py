@@ -44,7 +44,8 @@ class TrainConfig:
     clip_grad: float | None = None  # clip the gradients' global L2 norm to this
     ema: float | None = None  # decay of a moving average of the weights (timm's ModelEmaV3)
     optimizer: str = "adamw"  # any torch.optim class, by name (checked when built)
-    lr: float | None = None
+    lr: float | None = None  # "find" (CLI / YAML): lr_find, the range test picks it
+    lr_find: bool = False  # run the LR range test first and train at its suggestion
     layer_decay: float | None = None
     backbone_lr_mult: float = 1.0
     min_lr: float = 0.0
@@ -95,6 +96,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # One validation layer for the CLI, YAML and Python: typed parsing, then ranges.
+        if isinstance(self.lr, str) and self.lr.strip().lower() == "find":
+            object.__setattr__(self, "lr", None)
+            object.__setattr__(self, "lr_find", True)
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _parse(f.name, getattr(self, f.name), f.type))
         for name, (low, high, closed) in _RANGES.items():

@@ -5,7 +5,7 @@ steps; the loss is smoothed (an exponential average with bias correction, beta 0
 sweep stops early once it exceeds 4x the best smoothed loss (it diverged). Two suggestions,
 as fastai computes them on the sweep without its first 10% and last 5 points:
 
-* `valley`: the longest run of decreasing losses, at 2/3 of the way down it (fastai's default);
+* `valley`: about halfway down the longest run of decreasing losses (fastai's default);
 * `steep`: where the loss falls fastest per unit of log(lr).
 
 Layer-wise rates keep their ratios: every parameter group is scaled by the same factor, and the
@@ -58,7 +58,8 @@ def rates(start_lr: float, end_lr: float, num_it: int) -> list[float]:
 
 
 def valley(lrs: Sequence[float], losses: Sequence[float]) -> float | None:
-    """fastai's `valley`: 2/3 of the way down the longest decreasing run of losses."""
+    """fastai's `valley`: in the longest strictly decreasing run of losses (L steps from its
+    start), the point start + L//3 + L//6, about halfway down."""
     n = len(losses)
     if n < 2:
         return None

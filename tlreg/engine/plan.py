@@ -32,6 +32,9 @@ def plan_run(cfg: TrainConfig, model: TransferModel, spec: BackboneSpec, *, trai
              resume: bool, say: Callable[[str], None]) -> Plan:
     from tlreg.engine.auto import finetune_defaults
 
+    if cfg.lr_find and cfg.lr is not None:
+        raise UsageError(f"--lr find chooses the learning rate, and lr is set too ({cfg.lr:g}): "
+                         "drop one of them")
     auto = model.policy.name == "auto" and not resume
     horizon = cfg.epochs or 10
     frozen_run = all(model.policy.plan(model.num_stages, e).backbone_frozen
@@ -43,11 +46,15 @@ def plan_run(cfg: TrainConfig, model: TransferModel, spec: BackboneSpec, *, trai
     solver = cfg.solver
     if solver == "auto":
         # --ema and --sampler balanced act on steps: such a head trains by steps
-        by_steps = cfg.ema is not None or cfg.sampler == "balanced"
+        by_steps = cfg.ema is not None or cfg.sampler == "balanced" or cfg.lr_find
         solver = "cv" if use_features and cfg.epochs is None and not by_steps else "sgd"
     if solver in ("cv", "lbfgs") and not use_features:
         raise UsageError(f"--solver {solver} fits the head on cached features; it needs a "
                          "frozen backbone (policy feature-extract) and no --augment")
+    if cfg.lr_find and solver in ("cv", "lbfgs"):
+        raise UsageError(f"--lr find sweeps the rate of gradient steps, but this head is fitted "
+                         f"in one solve with no learning rate (--solver {solver}); train it by "
+                         "steps (--epochs N or --solver sgd), or drop --lr find")
     if cfg.sampler == "balanced" and solver in ("cv", "lbfgs"):
         raise UsageError(f"--sampler balanced draws the batches of gradient steps, but this "
                          f"head is fitted in one solve on every image (--solver {solver}); "

@@ -51,6 +51,17 @@ def write_start(t: Trainer, data: DataSplit) -> None:
         **choices(t),  # what auto, LP-FT and the defaults chose: kept for --resume
         "fingerprint": t.fingerprint(data),
     })
+    if t.lr_sweep is not None:
+        write_lr_find(t.run_dir, t.lr_sweep)
+
+
+def write_lr_find(out: Path, sweep: Any) -> None:
+    """lr_find.json (every step's rate and loss, the suggestions) and lr_find.png."""
+    from tlreg.runs.plots import plot_lr_find
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "lr_find.json", sweep.to_dict())
+    plot_lr_find(sweep.lrs, sweep.losses, sweep.suggestions, out / "lr_find.png")
 
 
 def write_summary(t: Trainer, data: DataSplit, wall: float, status: str) -> dict[str, Any]:
@@ -103,7 +114,7 @@ def choices(t: Trainer) -> dict[str, Any]:
     if t.resume:
         run = rundir.read_run_json(t.run_dir)
         kept = {k: run[k] for k in ("linear_probe", "policy_auto", "finetune_defaults",
-                                    "augment")
+                                    "augment", "lr_find")
                 if k in run}
         return kept | ({"head_fit": t.head_fit.record()} if t.head_fit else {})
     out: dict[str, Any] = {}
@@ -117,6 +128,11 @@ def choices(t: Trainer) -> dict[str, Any]:
         out["finetune_defaults"] = t.defaults_rule
     if t.augment is not None:
         out["augment"] = t.augment.record()
+    if t.lr_sweep is not None:  # the curve itself is in lr_find.json
+        out["lr_find"] = {"lr": t.config.lr, "suggestion": "valley"
+                          if t.lr_sweep.suggestions.get("valley") else "steep",
+                          "suggestions": t.lr_sweep.suggestions, "steps": len(t.lr_sweep.lrs),
+                          "stopped": t.lr_sweep.stopped, "seconds": t.lr_sweep.seconds}
     return out
 
 

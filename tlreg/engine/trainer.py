@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from tlreg.engine.ema import EMA
     from tlreg.engine.loop import Fitter
     from tlreg.engine.objective import Evaluation
+    from tlreg.engine.runtime import Runtime
     from tlreg.engine.solver import HeadFit
     from tlreg.models.transfer import TransferModel
 
@@ -87,6 +88,20 @@ def fit(config: TrainConfig | None = None, *, resume: str | Path | None = None,
     return _run(Trainer(config, callbacks=callbacks))
 
 
+def lr_find(config: TrainConfig | None = None, **options: Any) -> Any:
+    """The learning-rate range test alone (`tlreg lr-find`): the same setup as `fit` (data,
+    model, policy, the LP-FT head, cached features when the backbone is frozen), then the
+    sweep; writes OUT/lr_find.json and OUT/lr_find.png and returns the
+    `tlreg.engine.lr_find.Sweep`. Nothing trains: every weight is as it was."""
+    if config is None:
+        config = TrainConfig(**options)
+    elif options:
+        config = config.replace(**options)
+    trainer = Trainer(config.replace(lr=None, lr_find=True))
+    with distributed.session(config.device):
+        return trainer.sweep_lr()
+
+
 def _run(trainer: Trainer) -> RunResult:
     # Under torchrun, join the process group for this run (a no-op for one process).
     with distributed.session(trainer.config.device), trainer.locked():
@@ -135,6 +150,8 @@ class Trainer:
         self.class_weight: torch.Tensor | None = None  # --class-weights, on the device
         self.ema: EMA | None = None  # --ema: the average of what trains
         self.best_from = "model"  # whose weights checkpoints/best holds: model or ema
+        self.lr_sweep: Any = None  # --lr find's range test (tlreg.engine.lr_find.Sweep)
+        self._built_feed: tuple[Any, Runtime | None] | None = None
 
     def say(self, message: str) -> None:
         _say(self.config, message)
@@ -252,17 +269,17 @@ class Trainer:
                          TIMM.hflip if cfg.hflip is None else cfg.hflip,
                          TIMM.color_jitter if cfg.color_jitter is None else cfg.color_jitter))
 
-    def run(self) -> RunResult:
+    def _setup(self, check_out: bool = True) -> DataSplit:
+        """Everything before the first epoch: data, model on its device, probe, optimizer."""
         import torch
 
         from tlreg.data.sources import open_source
         from tlreg.engine.inputs import Inputs
-        from tlreg.engine.optim import build_optimizer
         from tlreg.engine.runtime import Runtime, autocast_dtype, resolve_device, seed_everything
-        from tlreg.engine.schedulers import build_scheduler
 
         cfg = self.config
-        rundir.check_out_dir(self.run_dir, self.resume)
+        if check_out:
+            rundir.check_out_dir(self.run_dir, self.resume)
         data = open_source(cfg.data, cfg.val_split, cfg.seed, cfg.source_args)
         seed_everything(cfg.seed)
         self._watch(data)
@@ -288,8 +305,18 @@ class Trainer:
             probe.probe_phase(self, data)  # --policy auto decides here; LP of LP-FT
             cfg = self.config
         self.inputs.config = cfg
+        self._build_optimizer(data)
+        if cfg.lr_find and not self.resume:
+            self._find_lr(data)
+        return data
+
+    def _build_optimizer(self, data: DataSplit) -> None:
+        from tlreg.engine.optim import build_optimizer
+        from tlreg.engine.schedulers import build_scheduler
+
+        cfg = self.config
         self.optimizer = build_optimizer(
-            model, cfg.optimizer, lr=cfg.lr * self.lr_scale, layer_decay=cfg.layer_decay,
+            self.model, cfg.optimizer, lr=cfg.lr * self.lr_scale, layer_decay=cfg.layer_decay,
             weight_decay=cfg.weight_decay, backbone_lr_mult=cfg.backbone_lr_mult,
             min_lr=cfg.min_lr * self.lr_scale, momentum=cfg.momentum)
         steps = -(-sharding.steps_per_epoch(len(data.train), cfg.batch_size,
@@ -298,10 +325,50 @@ class Trainer:
             self.optimizer, cfg.scheduler, epochs=cfg.epochs, steps_per_epoch=steps,
             warmup_epochs=cfg.warmup_epochs, step_size=cfg.step_size, gamma=cfg.gamma,
             min_lr=cfg.min_lr * self.lr_scale)
+
+    def _find_lr(self, data: DataSplit) -> None:
+        """`--lr find`: the range test at the epoch-0 policy, then the suggested head rate.
+
+        The sweep leaves every weight, the optimizer and the RNGs as they were, so the run
+        that follows is exactly the run with `--lr` set to the rate it chose."""
+        from tlreg.engine import lr_find
+
+        cfg = self.config
+        self.model.apply_policy(0)
+        feed, runtime = self._feed(data)
+        result = lr_find.sweep(feed, self.optimizer,
+                               self.model.head if self.use_features else self.model,
+                               seed=cfg.seed, runtime=runtime,
+                               label_smoothing=cfg.label_smoothing,
+                               class_weight=self.class_weight)
+        found = distributed.broadcast_object(result)  # rank 0's sweep decides for every rank
+        chosen = found.suggestions.get("valley") or found.suggestions.get("steep")
+        if chosen is None:
+            raise UsageError(f"the learning-rate sweep stopped after {len(found.lrs)} steps, "
+                             "too few to suggest a rate; set --lr")
+        self.lr_sweep = found
+        self.config = cfg.replace(lr=chosen / self.lr_scale, lr_find=False)
+        self.requested = self.requested.replace(lr=self.config.lr, lr_find=False)
+        steep = found.suggestions.get("steep")
+        self.say(f"lr find: {len(found.lrs)} steps in {found.seconds:.1f}s ({found.stopped}); "
+                 f"valley {found.suggestions['valley']:.3g}"
+                 + (f", steep {steep:.3g}" if steep else "") + f": --lr {self.config.lr:.3g}")
+        self._build_optimizer(data)
+
+    def sweep_lr(self) -> Any:
+        """`tlreg lr-find`: the range test alone, OUT/lr_find.json and .png; trains nothing."""
+        self._setup(check_out=False)
+        if distributed.is_main():
+            record.write_lr_find(self.run_dir, self.lr_sweep)
+        return self.lr_sweep
+
+    def run(self) -> RunResult:
+        data = self._setup()
+        cfg = self.config
         if cfg.ema is not None:  # from the weights training starts at (after LP-FT's fit)
             from tlreg.engine.ema import EMA
 
-            self.ema = EMA(model.head if self.use_features else model, cfg.ema)
+            self.ema = EMA(self.model.head if self.use_features else self.model, cfg.ema)
         distributed.barrier()  # every rank checked --out before rank 0 creates it
         if self.resume:
             rundir.check_resume(self.run_dir, self.fingerprint(data), cfg.resume_anyway,
@@ -328,7 +395,7 @@ class Trainer:
             raise Interrupted(f"interrupted; epochs 1-{len(self.history)} are saved. Continue "
                               f"with: tlreg train --resume {self.run_dir}")
         self.callbacks.call("on_run_end", self, summary)
-        return RunResult(self.run_dir, summary, self.history, model)
+        return RunResult(self.run_dir, summary, self.history, self.model)
 
     def fingerprint(self, data: DataSplit) -> dict[str, Any]:
         return rundir.fingerprint(self.config, (*data.train, *data.val), data.classes,
@@ -336,12 +403,12 @@ class Trainer:
 
     # -- the epoch loop ---------------------------------------------------------------------
 
-    def _fitter(self, data: DataSplit) -> Fitter:
-        """SGD over features or images, or a convex fit of the head (--solver cv / lbfgs)."""
+    def _feed(self, data: DataSplit) -> tuple[Any, Runtime | None]:
+        """The loop's batches (cached features, or images) and their runtime; built once."""
         from tlreg.engine.feeds import FeatureFeed, ImageFeed
-        from tlreg.engine.fitters import LBFGS, CrossValidated
-        from tlreg.engine.loop import SGD
 
+        if self._built_feed is not None:
+            return self._built_feed
         cfg = self.config
         if self.use_features:
             cache = probe.feature_cache(self)
@@ -356,6 +423,23 @@ class Trainer:
                                     global_batch=self.global_batch,
                                     label_smoothing=cfg.label_smoothing,
                                     balanced=cfg.sampler == "balanced")
+            runtime = None  # the head on float features: no autocast (as it always trained)
+        else:
+            self.inputs.prepare(data, self.augment_spec())
+            feed = ImageFeed(self.model, self.inputs, data, compile=cfg.compile,
+                             label_smoothing=cfg.label_smoothing)
+            runtime = self.runtime
+        self._built_feed = feed, runtime
+        return self._built_feed
+
+    def _fitter(self, data: DataSplit) -> Fitter:
+        """SGD over features or images, or a convex fit of the head (--solver cv / lbfgs)."""
+        from tlreg.engine.fitters import LBFGS, CrossValidated
+        from tlreg.engine.loop import SGD
+
+        cfg = self.config
+        feed, runtime = self._feed(data)
+        if self.use_features:
             if cfg.solver == "cv":
                 def fit_once(x: torch.Tensor, y: torch.Tensor) -> HeadFit:
                     self.head_fit = probe.fit_head(self, x, y)  # summary.json: head_fit
@@ -366,12 +450,6 @@ class Trainer:
                 return LBFGS(feed, weight_decay=cfg.weight_decay,
                              label_smoothing=cfg.label_smoothing,
                              class_weight=self.class_weight)
-            runtime = None  # the head on float features: no autocast (as it always trained)
-        else:
-            self.inputs.prepare(data, self.augment_spec())
-            feed = ImageFeed(self.model, self.inputs, data, compile=cfg.compile,
-                             label_smoothing=cfg.label_smoothing)
-            runtime = self.runtime
         return SGD(feed, optimizer=self.optimizer, scheduler=self.scheduler,
                    per_step=self.interval == "step", epochs=cfg.epochs,
                    label_smoothing=cfg.label_smoothing, runtime=runtime,

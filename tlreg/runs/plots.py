@@ -1,4 +1,4 @@
-"""training.png: loss and accuracy curves per epoch (matplotlib, no display needed)."""
+"""training.png (loss and accuracy per epoch) and lr_find.png (matplotlib, no display)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,31 @@ def plot_history(history: Sequence[dict[str, Any]], path: Path) -> None:
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.tight_layout()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
+
+
+def plot_lr_find(lrs: Sequence[float], losses: Sequence[float],
+                 suggestions: dict[str, float | None], path: Path) -> None:
+    """The smoothed loss against the rate (log scale), the suggestions marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.plot(lrs, losses)
+    for (name, lr), colour in zip(suggestions.items(), ("tab:red", "tab:green"), strict=False):
+        if lr is not None:
+            ax.axvline(lr, color=colour, linestyle="--", label=f"{name} {lr:.2g}")
+    ax.set(xscale="log", xlabel="learning rate (head)", ylabel="loss (smoothed)",
+           title="learning-rate range test")
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     try:
         with atomic_path(path) as tmp:

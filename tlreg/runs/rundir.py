@@ -3,7 +3,7 @@
 Layout::
 
     RUN/config.yaml  run.json  model.json  history.json  summary.json  training.png  log.csv
-    RUN/tensorboard/ (--log tensorboard)
+    RUN/tensorboard/ (--log tensorboard)   RUN/lr_find.json  lr_find.png (--lr find)
     RUN/checkpoints/best/   RUN/checkpoints/last/   RUN/checkpoints/frozen.safetensors
 """
 
@@ -23,7 +23,8 @@ from tlreg.lock import LOCK_NAME, exclusive
 #: What a run writes in its folder (a folder holding only these and no saved epoch is a run
 #: killed before it started).
 RUN_FILES = ("config.yaml", "model.json", "run.json", "history.json", "summary.json",
-             "training.png", "log.csv", "tensorboard", "checkpoints")
+             "training.png", "log.csv", "tensorboard", "lr_find.json", "lr_find.png",
+             "checkpoints")
 
 
 def leftover(name: str) -> bool:
