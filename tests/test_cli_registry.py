@@ -58,7 +58,7 @@ def test_plugins_json_lists_builtins_under_their_groups(tlreg_cmd):
         "tlreg.policies": {"auto", "feature-extract", "finetune", "partial", "gradual"},
         "tlreg.callbacks": {"early-stopping"},
         "tlreg.datasets": {"csv", "folder", "hf"},
-        "tlreg.exporters": {"tlreg", "timm"},
+        "tlreg.exporters": {"tlreg", "timm", "onnx"},
     }
     row = next(r for r in data["tlreg.heads"] if r["name"] == "mlp")
     assert row == {"name": "mlp", "distribution": "tlreg", "version": tlreg.__version__,

@@ -52,7 +52,8 @@ def run(tmp_path: Path) -> Path:
 def test_the_table_lists_the_built_ins() -> None:
     mine = {p.name: p.value for p in find_plugins("exporter") if p.dist == "tlreg"}
     assert mine == {"tlreg": "tlreg.sharing.exporters:export_tlreg",
-                    "timm": "tlreg.sharing.exporters:export_timm"}
+                    "timm": "tlreg.sharing.exporters:export_timm",
+                    "onnx": "tlreg.sharing.onnx:export_onnx"}
     assert get("exporter", "tlreg") is export_tlreg
     assert get("exporter", "timm") is export_timm
 
@@ -79,7 +80,7 @@ def test_a_third_party_exporter_is_listed_and_used(plugin_site, cli, run: Path,
     assert code == 0 and "labels" in out and "tlreg-labels-export" in out
 
     code, out, err = cli("export", "--help")
-    assert code == 0 and "labels, timm, tlreg" in out, out
+    assert code == 0 and "labels, onnx, timm, tlreg" in out, out
 
     code, out, err = cli("export", str(run), str(tmp_path / "out"), "--format", "labels",
                          "--dataset", "user/ants")
@@ -91,7 +92,8 @@ def test_a_third_party_exporter_is_listed_and_used(plugin_site, cli, run: Path,
                        "kwargs": ["dataset", "pretrained_sha256", "training_curve"]}
 
 
-@pytest.mark.parametrize(("name", "hint"), [("onnx", ""), ("tlrg", "; did you mean 'tlreg'?")])
+@pytest.mark.parametrize(("name", "hint"), [("tensorrt", ""),
+                                            ("tlrg", "; did you mean 'tlreg'?")])
 def test_an_unknown_format_is_one_line_naming_the_choices(cli, run: Path, tmp_path: Path,
                                                           name: str, hint: str) -> None:
     code, out, err = cli("export", str(run), str(tmp_path / "out"), "--format", name)

@@ -13,10 +13,21 @@ if TYPE_CHECKING:
 
     from tlreg.data.sources import Sample
     from tlreg.models.transfer import TransferModel
+    from tlreg.onnx_predict import OnnxModel
 
 
-def load_model(source: str, *, checkpoint: str = "best", **hub_options: Any) -> TransferModel:
-    """A run directory (has model.json), an artifact folder, or a Hub id (`hf:` forces it)."""
+def load_model(source: str, *, checkpoint: str = "best", device: str = "cpu",
+               **hub_options: Any) -> TransferModel | OnnxModel:
+    """A run directory (has model.json), an artifact folder, or a Hub id (`hf:` forces it).
+
+    A `.onnx` file, or a folder holding model.onnx and preprocess.json, loads as an
+    `OnnxModel` (onnxruntime, Pillow and NumPy only: neither torch nor timm is imported), on
+    `device`; `predict` takes either.
+    """
+    from tlreg.onnx_predict import is_onnx_source, load_onnx
+
+    if is_onnx_source(source):
+        return load_onnx(source, device)
     from tlreg.sharing.api import load_artifact
 
     return load_artifact(source, checkpoint=checkpoint, **hub_options)
@@ -79,15 +90,19 @@ def _check_options(batch_size: int, device: str, top_k: int = 1, tta: str = "non
     from tlreg.data.tta import get_tta
     from tlreg.engine.config import check_device
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UsageError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise UsageError(f"top_k must be an integer >= 1, got {top_k!r}")
+    _check_counts(batch_size, top_k)
     check_device(device)
     get_tta(tta)
 
 
-def predict(model: TransferModel, inputs: Sequence[str], *, top_k: int = 1,
+def _check_counts(batch_size: int, top_k: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise UsageError(f"top_k must be an integer >= 1, got {top_k!r}")
+
+
+def predict(model: TransferModel | OnnxModel, inputs: Sequence[str], *, top_k: int = 1,
             batch_size: int = 32, device: str = "cpu",
             path_column: str = "path", tta: str = "none") -> list[dict[str, Any]]:
     """Top-k labels and probabilities per image; unreadable files get an `error` entry.
@@ -96,7 +111,20 @@ def predict(model: TransferModel, inputs: Sequence[str], *, top_k: int = 1,
     model's probabilities are independent sigmoids: each result also has `labels`, every label
     whose probability reaches its threshold (tuned on val), and top-k still ranks them.
     `tta` ("none", "flip", "five-crop": `tlreg.data.tta`) averages the logits of several views
-    of each image; `logits` are then that mean."""
+    of each image; `logits` are then that mean. An `OnnxModel` (from `load_model("x.onnx")`)
+    gives the same results through onnxruntime; its device is the one it was loaded on and
+    it has no TTA."""
+    from tlreg.onnx_predict import OnnxModel
+
+    if isinstance(model, OnnxModel):
+        _check_counts(batch_size, top_k)
+        if tta != "none":
+            raise UsageError(f"--tta {tta} needs the PyTorch model; an ONNX model predicts "
+                             f"with --tta none")
+        files = expand_inputs(inputs, path_column)
+        out, failed = model.logits(files, batch_size)
+        return format_predictions(files, out.tolist(), _probabilities(out, model.thresholds),
+                                  failed, model.label_names, model.thresholds, top_k)
     _check_options(batch_size, device, top_k, tta)
     from tlreg.data.sources import Sample
 
@@ -104,8 +132,31 @@ def predict(model: TransferModel, inputs: Sequence[str], *, top_k: int = 1,
     logits, failed = _logits(model, [Sample(f, 0) for f in files], batch_size, device, tta)
     thresholds = multi_label_thresholds(model)
     probs = logits.softmax(-1) if thresholds is None else logits.sigmoid()
-    k = max(1, min(top_k, probs.shape[-1]))
     labels = model.info.label_names or tuple(str(i) for i in range(model.info.num_classes))
+    return format_predictions(files, logits.tolist(), probs.tolist(), failed, labels,
+                              thresholds, top_k)
+
+
+def _probabilities(logits: Any, thresholds: Sequence[float] | None) -> list[list[float]]:
+    """Softmax (one label) or sigmoids (many) of a float32 NumPy array, as torch computes them."""
+    import numpy as np
+
+    x = np.asarray(logits, dtype=np.float32)
+    if thresholds is not None:
+        return (np.float32(1) / (np.float32(1) + np.exp(-x))).tolist()
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return (e / e.sum(axis=-1, keepdims=True)).tolist()
+
+
+def format_predictions(files: Sequence[str], logits: Sequence[Sequence[float]],
+                       probs: Sequence[Sequence[float]], failed: Sequence[int],
+                       labels: Sequence[str], thresholds: Sequence[float] | None,
+                       top_k: int) -> list[dict[str, Any]]:
+    """`predict`'s results from plain lists (no torch): one format for PyTorch and ONNX.
+
+    `logits` / `probs` have a row per decodable file, in order; `failed` are the positions of
+    the others. Top-k ranks by probability, the lower index first on a tie.
+    """
     results: list[dict[str, Any]] = []
     row = 0
     bad = set(failed)
@@ -113,13 +164,13 @@ def predict(model: TransferModel, inputs: Sequence[str], *, top_k: int = 1,
         if i in bad:
             results.append({"file": f, "error": "unreadable image"})
             continue
-        p, idx = probs[row].topk(k)
-        result: dict[str, Any] = {"file": f, "logits": logits[row].tolist(), "predictions": [
-            {"label": labels[j], "index": j, "probability": float(q)}
-            for q, j in zip(p.tolist(), idx.tolist(), strict=True)]}
+        p = probs[row]
+        k = max(1, min(top_k, len(p)))
+        idx = sorted(range(len(p)), key=lambda j: -p[j])[:k]
+        result: dict[str, Any] = {"file": f, "logits": list(logits[row]), "predictions": [
+            {"label": labels[j], "index": j, "probability": float(p[j])} for j in idx]}
         if thresholds is not None:
-            result["labels"] = [labels[j] for j, q in enumerate(probs[row].tolist())
-                                if q >= thresholds[j]]
+            result["labels"] = [labels[j] for j, q in enumerate(p) if q >= thresholds[j]]
         results.append(result)
         row += 1
     return results
@@ -148,7 +199,11 @@ def evaluate(model: TransferModel, data: str, *, batch_size: int = 32, device: s
     from tlreg.data.folder import scan_folder
     from tlreg.data.sources import FOLDER, Sample, label_classes, multi_hot, open_source, resolve
     from tlreg.metrics import classification_report, multilabel_report
+    from tlreg.onnx_predict import OnnxModel
 
+    if isinstance(model, OnnxModel):
+        raise UsageError("eval scores the PyTorch model: give it the run or artifact the ONNX "
+                         "file was exported from")
     _check_options(batch_size, device, tta=tta)
     classes = model.info.label_names
     if not classes:

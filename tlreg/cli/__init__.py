@@ -76,9 +76,27 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"warning: {message}", file=sys.stderr)
 
 
+def _bare_augment(args: list[str]) -> list[str]:
+    """`--augment` followed by nothing, an option or an existing path (tlreg before the presets)
+    means `standard`; any other word is a preset name, checked as such.
+
+    typer has no option with an optional value, so scripts that pass the old bare flag are
+    given the preset it always meant here."""
+    import os
+
+    out = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        after = args[i + 1] if i + 1 < len(args) else None
+        if arg == "--augment" and (after is None or after.startswith("-")
+                                   or os.path.exists(after)):  # an option or DATA follows
+            out.append("standard")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one clear line per error (tracebacks only with --debug)."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = _bare_augment(list(sys.argv[1:] if argv is None else argv))
     _state["debug"] = "--debug" in args
     if not _state["debug"]:
         warnings.showwarning = _show_warning

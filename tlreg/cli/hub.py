@@ -22,8 +22,9 @@ ALLOW_MISMATCH = typer.Option(False, "--allow-backbone-mismatch",
 
 
 FORMAT_HELP = ("Exporter, one of: {names}. tlreg: head-only artifact; timm: full model folder "
-               "for timm.create_model('local-dir:OUT', pretrained=True); plugins add more "
-               "(entry-point group tlreg.exporters).")
+               "for timm.create_model('local-dir:OUT', pretrained=True); onnx: model.onnx + "
+               "preprocess.json (docs/deploy.md); plugins add more (entry-point group "
+               "tlreg.exporters).")
 
 
 class _ExportCommand(TyperCommand):
@@ -59,11 +60,28 @@ def export(
                             help=FORMAT_HELP.format(names="those `tlreg plugins` lists")),
     dataset: str | None = typer.Option(None, "--dataset",
                                        help="Hub dataset id for the model card's metadata."),
+    opset: int | None = typer.Option(None, "--opset",
+                                     help="onnx: the ONNX opset (default 17)."),
+    dynamic_batch: bool | None = typer.Option(
+        None, "--dynamic-batch/--no-dynamic-batch",
+        help="onnx: a dynamic batch axis (default) or batches of one."),
+    fp16: bool = typer.Option(False, "--fp16", help="onnx: half-precision weights and inputs."),
+    check_images: list[str] | None = typer.Option(
+        None, "--check-images", help="onnx: images (files or folders) the export is checked "
+                                     "on against PyTorch (default: synthetic ones)."),
 ) -> None:
-    """Write a run's model as a shareable folder (see docs/format.md)."""
+    """Write a run's model as a shareable folder (see docs/format.md, docs/deploy.md)."""
     from tlreg.sharing.exporters import export_run
 
-    path = export_run(run, out, checkpoint, format=fmt, dataset=dataset)
+    # An exporter's own options, passed only when given (exporters ignore what they do not use).
+    options: dict[str, Any] = {k: v for k, v in {
+        "opset": opset, "dynamic_batch": dynamic_batch, "fp16": fp16 or None}.items()
+        if v is not None}
+    if check_images:
+        from tlreg.predict import expand_inputs
+
+        options["check_images"] = expand_inputs(check_images)[:7]
+    path = export_run(run, out, checkpoint, format=fmt, dataset=dataset, options=options)
     print(f"wrote {path} ({_size(path)})")
 
 

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from tlreg.cli._output import print_json, print_table
+from tlreg.data.augment import AUGMENTS
 from tlreg.data.tta import TTA, get_tta
 from tlreg.engine.callbacks import MONITORS
 from tlreg.engine.loggers import LOGGERS
@@ -210,8 +211,14 @@ def train(
     multi_label: MultiLabel = None,
     source_arg: SourceArg = None,
     img_size: int | None = typer.Option(None, "--img-size"),
-    augment: bool | None = typer.Option(
-        None, "--augment/--no-augment", help="timm training augmentation."
+    augment: str | None = typer.Option(
+        None, "--augment", metavar="|".join(AUGMENTS),
+        help="Training augmentation preset: light (crops, flips), standard (+ colour jitter; "
+        "on when the backbone trains), strong (+ RandAugment, random erasing 0.25); the knobs "
+        "below override it.",
+    ),
+    no_augment: bool | None = typer.Option(
+        None, "--no-augment", help="The same as --augment none.", show_default=False
     ),
     crop_scale: float | None = typer.Option(
         None, "--crop-scale",
@@ -223,6 +230,27 @@ def train(
     ),
     color_jitter: float | None = typer.Option(
         None, "--color-jitter", help="Colour-jitter strength (default: measured, else 0.4)."
+    ),
+    auto_augment: str | None = typer.Option(
+        None, "--auto-augment", metavar="SPEC",
+        help="timm's RandAugment / AutoAugment / AugMix, e.g. rand-m9-mstd0.5-inc1; none: off "
+        "(default: the preset's).",
+    ),
+    reprob: float | None = typer.Option(
+        None, "--reprob", metavar="P",
+        help="Random-erasing probability (timm's RandomErasing; default: the preset's, else 0).",
+    ),
+    mixup: float | None = typer.Option(
+        None, "--mixup", metavar="ALPHA",
+        help="Mixup alpha (timm's Mixup, soft-target cross-entropy; one label per image).",
+    ),
+    cutmix: float | None = typer.Option(
+        None, "--cutmix", metavar="ALPHA",
+        help="CutMix alpha (with --mixup: one of the two per batch).",
+    ),
+    drop_path: float | None = typer.Option(
+        None, "--drop-path", metavar="RATE",
+        help="Stochastic depth of the backbone while it trains (timm's drop_path_rate).",
     ),
     cache: bool | None = typer.Option(
         None, "--cache/--no-cache", help="Cache frozen-backbone features."
@@ -314,8 +342,14 @@ def _options(values: dict[str, Any]) -> dict[str, Any]:
         for k, v in values.items()
         if v is not None
         and k not in {"ctx", "config", "resume", "head_arg", "policy_arg", "devices",
-                      "callback", "callback_arg", "source_arg", "log", *SOURCE_OPTIONS}
+                      "callback", "callback_arg", "source_arg", "log", "no_augment",
+                      *SOURCE_OPTIONS}
     }
+    if values.get("no_augment"):
+        if options.get("augment", "none") != "none":
+            raise UsageError(f"--no-augment and --augment {options['augment']} disagree; "
+                             "give one")
+        options["augment"] = "none"
     head_arg, policy_arg, callback = values["head_arg"], values["policy_arg"], values["callback"]
     callback_arg, log = values["callback_arg"], values["log"]
     if head_arg:
@@ -459,7 +493,8 @@ def evaluate(
 
 
 def predict(
-    source: str = typer.Argument(..., help="Run directory, artifact folder or Hub id."),
+    source: str = typer.Argument(..., help="Run directory, artifact folder, Hub id, or a "
+                                 "model.onnx (or its folder): onnxruntime, no torch."),
     inputs: list[str] = typer.Argument(
         ..., help="Image files, folders, or tables (.csv, .tsv, .parquet) listing files."
     ),
@@ -485,7 +520,7 @@ def predict(
     hub = {k: v for k, v in {"revision": revision, "token": token}.items() if v is not None}
     if allow_backbone_mismatch:
         hub["allow_backbone_mismatch"] = True
-    model = load_model(source, checkpoint=checkpoint, **hub)
+    model = load_model(source, checkpoint=checkpoint, device=device, **hub)
     results = run_predict(model, inputs, top_k=top_k, batch_size=batch_size, device=device,
                           path_column=path_column, tta=tta)
     if csv is not None:

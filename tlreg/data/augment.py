@@ -11,18 +11,26 @@ few epochs, towards ones that cost the label. (On the digits set the probe, righ
 whole image, labelled 9% of 8% crops, 88% of whole images merely resized instead of
 centre-cropped, and 73% of colour-jittered ones right.) The thresholds are round numbers set
 before the accuracy suite ran (docs/training.md has what it measured).
+
+On top of what the probe measures, `--augment` names a preset (`AUGMENTS`: none, light,
+standard, strong) and timm's own knobs (`--auto-augment`, `--reprob`) add RandAugment and random
+erasing; every training transform is built by timm's `create_transform` (tlreg.data.images).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from tlreg.errors import UsageError
+
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CROP_SCALES", "JITTERS", "TIMM", "Augment", "choose", "keeps", "measure"]
+__all__ = ["AUGMENTS", "CROP_SCALES", "JITTERS", "TIMM", "Augment", "Preset", "check_auto_augment",
+           "choose", "keeps", "measure", "of_config", "preset_name", "settle"]
 
 #: Candidate smallest crop areas, strongest first (1.0: the whole image, aspect jitter only);
 #: 0 (no random crop: the eval transform's centre crop) when every one loses the label.
@@ -39,10 +47,11 @@ KEEP_FLIPS = 0.95
 
 @dataclass(frozen=True)
 class Augment:
-    """Training augmentation: timm's RandomResizedCrop scale floor, flip and jitter.
+    """Training augmentation: timm's RandomResizedCrop scale floor, flip and jitter (what the
+    probe measures), and timm's RandAugment and random erasing on top.
 
     `crop_scale` 0 means no random crop: the eval transform's resize and centre crop, then
-    the flip and the jitter.
+    the flip and the jitter. timm drops the jitter under an `auto_augment` (but for `3a`).
     """
 
     crop_scale: float = 0.08
@@ -50,12 +59,127 @@ class Augment:
     color_jitter: float = 0.4
     reason: str = "timm's defaults"
     measured: dict[str, Any] = field(default_factory=dict)
+    auto_augment: str | None = None  # timm's RandAugment / AutoAugment / AugMix string
+    reprob: float = 0.0  # random erasing (timm's RandomErasing, per pixel, after normalising)
 
     def record(self) -> dict[str, Any]:
-        return asdict(self)
+        """As summary.json keeps it: RandAugment and erasing only when on (older runs' keys)."""
+        out = asdict(self)
+        if self.auto_augment is None:
+            del out["auto_augment"]
+        if not self.reprob:
+            del out["reprob"]
+        return out
+
+    def timm_args(self) -> dict[str, Any]:
+        """timm's `create_transform(is_training=True, ...)` arguments for this augmentation."""
+        return {"scale": (self.crop_scale, 1.0), "hflip": self.hflip,
+                "color_jitter": self.color_jitter, "auto_augment": self.auto_augment,
+                "re_prob": self.reprob, "re_mode": RE_MODE}
 
 
 TIMM = Augment()
+
+#: timm's train.py erases with per-pixel normal noise (`--remode pixel`), tlreg too.
+RE_MODE = "pixel"
+#: timm's RandAugment of its ImageNet recipes: 2 ops at magnitude 9 (std 0.5), increasing.
+RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """An `--augment` name: on or off, and the knobs it sets (None: the probe's or timm's)."""
+
+    on: bool
+    summary: str
+    color_jitter: float | None = None
+    auto_augment: str | None = None
+    reprob: float | None = None
+
+
+#: `--augment` presets. `standard` is what tlreg always did (crops, flips and jitter, measured
+#: by the probe under LP-FT); a knob set explicitly wins over its preset.
+AUGMENTS: dict[str, Preset] = {
+    "none": Preset(False, "no augmentation: the eval transform (a frozen backbone's features "
+                          "are then cached)"),
+    "light": Preset(True, "random-resized crops and flips, no colour jitter", color_jitter=0.0),
+    "standard": Preset(True, "crops, flips and colour jitter (measured by the probe; else "
+                             "timm's 0.08, 0.5, 0.4)"),
+    "strong": Preset(True, f"standard plus RandAugment {RAND_AUGMENT} and random erasing 0.25 "
+                           "(timm's ImageNet recipes)", auto_augment=RAND_AUGMENT, reprob=0.25),
+}
+
+
+def preset_name(augment: bool | str | None) -> str | None:
+    """The preset a config's `augment` is: True is standard, False none (None: not decided)."""
+    if augment is None or isinstance(augment, str):
+        return augment
+    return "standard" if augment else "none"
+
+
+def settle(cfg: Any) -> dict[str, Any]:
+    """A config's augmentation fields with its preset applied; one UsageError for a bad one.
+
+    `augment` is stored as older configs had it where it can be (False for none, True for
+    standard; light and strong by name). A knob that acts on training images (RandAugment,
+    erasing, mixup, cutmix) with `augment` unset turns it on, so a frozen backbone trains on
+    images instead of cached features; with `augment: none` RandAugment and erasing are errors.
+    """
+    augment = cfg.augment
+    if isinstance(augment, str):
+        if augment not in AUGMENTS:
+            raise UsageError(f"augment must be one of {', '.join(AUGMENTS)} (or true / false); "
+                             f"got {augment!r}")
+        preset = AUGMENTS[augment]
+        augment = True if augment == "standard" else augment if preset.on else False
+    auto = cfg.auto_augment
+    if auto is not None:
+        auto = auto.strip()
+        if auto.lower() in ("", "none"):
+            auto = "none"  # off, whatever the preset says
+        else:
+            check_auto_augment(auto)
+    transforms = []  # what only an augmented image pipeline can do
+    if auto not in (None, "none"):
+        transforms.append(f"auto_augment {auto}")
+    if cfg.reprob:
+        transforms.append(f"reprob {cfg.reprob:g}")
+    if augment is False and transforms:
+        raise UsageError(f"augment none turns training augmentation off, and {transforms[0]} is "
+                         "augmentation: drop it, or choose augment light, standard or strong")
+    if augment is None and (transforms or cfg.mixup or cfg.cutmix):
+        augment = True
+    preset = AUGMENTS[preset_name(augment)] if augment is not None else None
+    jitter, reprob = cfg.color_jitter, cfg.reprob
+    if preset is not None:
+        jitter = preset.color_jitter if jitter is None else jitter
+        auto = preset.auto_augment if auto is None else auto
+        reprob = preset.reprob if reprob is None else reprob
+    return {"augment": augment, "color_jitter": jitter, "auto_augment": auto, "reprob": reprob}
+
+
+@functools.lru_cache(maxsize=32)
+def check_auto_augment(spec: str) -> None:
+    """timm's own parser decides: the transform is built once for a 32-pixel image."""
+    from tlreg.models import _timm
+
+    try:
+        _timm.create_transform(32, is_training=True, auto_augment=spec)
+    except Exception as exc:  # timm asserts (AssertionError), or fails to parse a number
+        detail = f": {exc}" if str(exc) else ""
+        raise UsageError(f"auto_augment {spec!r} is not a timm augmentation{detail} (e.g. "
+                         f"{RAND_AUGMENT} for RandAugment, augmix-m5-w4-d2, or v0 for "
+                         "AutoAugment; none turns it off)") from None
+
+
+def of_config(cfg: Any) -> Augment:
+    """The training augmentation a config asks for: its values, timm's where it has none."""
+    auto = cfg.auto_augment
+    return Augment(TIMM.crop_scale if cfg.crop_scale is None else cfg.crop_scale,
+                   TIMM.hflip if cfg.hflip is None else cfg.hflip,
+                   TIMM.color_jitter if cfg.color_jitter is None else cfg.color_jitter,
+                   auto_augment=None if auto in (None, "none") else auto,
+                   reprob=cfg.reprob or 0.0)
 
 
 def keeps(clean: float, accuracy: float, share: float = KEEP_CROPS) -> bool:

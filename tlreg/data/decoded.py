@@ -7,10 +7,11 @@ Later epochs cut crops from those tensors and augment whole batches at once.
 
 Evaluation from the cache is exact: the stored tensor is the eval transform's resize, so the
 centre crop and normalisation give the same input as timm's PIL pipeline. Training
-augmentation (random resized crop, flip, colour jitter) runs on the stored tensor, so a crop
-is sampled from the pre-resized image rather than the original file; each sample's random
-parameters come from (epoch seed, sample index), so the augmentation does not depend on batch
-composition, worker or rank.
+augmentation (random resized crop, flip, colour jitter, random erasing) runs on the stored
+tensor, so a crop is sampled from the pre-resized image rather than the original file; each
+sample's random parameters come from (epoch seed, sample index), so the augmentation does not
+depend on batch composition, worker or rank. RandAugment is per-image PIL work: with it the
+training images take timm's per-image path (`batch_unsupported`).
 
 `disk` stores the tensors in a memory-mapped file under the cache directory, keyed by the
 file list (paths, sizes, mtimes) and the resize, so the next run skips decoding too. When the
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from tlreg.data.augment import Augment
     from tlreg.data.sources import Sample
 
 MODES = ("off", "memory", "disk")
@@ -294,16 +296,24 @@ class BatchAugment:
     affine in RGB, so together with the normalisation they fold into one 3x3 matrix and shift
     per sample, applied with a single batched matmul and a clamp (3-4x faster than one
     elementwise pass per operation). The clamp to [0, 255] happens once, after all three.
+    Then, with `reprob`, timm's RandomErasing on each normalised image, as timm's pipeline
+    applies it, seeded from (seed, index) too. RandAugment is not batched (`batch_unsupported`).
     """
 
     def __init__(self, data_config: dict[str, Any], *,
                  scale: tuple[float, float] | None = (0.08, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), jitter: float = 0.4,
-                 hflip: float = 0.5) -> None:
+                 hflip: float = 0.5, reprob: float = 0.0) -> None:
         import torch
 
         self.size = data_config["input_size"][-1]
         self.scale, self.ratio, self.jitter, self.hflip = scale, ratio, jitter, hflip
+        self.erase = None
+        if reprob:
+            from tlreg.data.augment import RE_MODE
+            from tlreg.models import _timm
+
+            self.erase = _timm.RandomErasing(reprob, mode=RE_MODE, device="cpu")
         self.mean = torch.tensor(data_config["mean"]) * 255
         self.std = torch.tensor(data_config["std"]) * 255
         self.low = (-self.mean / self.std).view(1, 3, 1)  # where 0 and 255 land once normalised
@@ -355,7 +365,25 @@ class BatchAugment:
         matrix = matrix / self.std.view(1, 3, 1)
         shift = (shift - self.mean) / self.std
         out = torch.baddbmm(shift.unsqueeze(2), matrix, x)
-        return out.clamp_(self.low, self.high).view(n, 3, size, size)
+        out = out.clamp_(self.low, self.high).view(n, 3, size, size)
+        if self.erase is not None:
+            from tlreg.data.images import sample_seed, seeded
+
+            for j, idx in enumerate(indices):  # in place, each image from its own seed
+                seeded(self.erase, out[j], sample_seed(seed, idx))
+        return out
+
+
+def batch_unsupported(augment: Augment) -> str | None:
+    """The knob `BatchAugment` cannot apply, in words, or None.
+
+    RandAugment, AutoAugment and AugMix are sequences of PIL operations drawn per image; for
+    them the training images go through timm's per-image transform instead.
+    """
+    if augment.auto_augment:
+        return (f"--auto-augment {augment.auto_augment} (timm's RandAugment / AutoAugment / "
+                "AugMix work on one PIL image at a time)")
+    return None
 
 
 class BatchEval:

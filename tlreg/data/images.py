@@ -91,8 +91,8 @@ def build_transform(data_config: dict[str, Any], *, train: bool,
                     augment: Augment | None = None) -> Callable[[Any], Any]:
     """timm's transform for this data config: eval (deterministic) or training augmentation.
 
-    `augment` sets the training transform's crop floor, flip rate and jitter (timm's defaults
-    when None).
+    `augment` sets the training transform's crop floor, flip rate, jitter, RandAugment and
+    random erasing (timm's defaults when None), all passed to timm's `create_transform`.
     """
     from tlreg.data.augment import TIMM
     from tlreg.models import _timm
@@ -103,15 +103,15 @@ def build_transform(data_config: dict[str, Any], *, train: bool,
     if not train:
         return _timm.create_transform(**base, is_training=False)
     if a.crop_scale > 0:
-        return _timm.create_transform(**base, is_training=True, scale=(a.crop_scale, 1.0),
-                                      hflip=a.hflip, color_jitter=a.color_jitter)
-    # No random crop: timm's eval pipeline, with the flip and jitter before its ToTensor.
-    from torchvision import transforms as T
-
+        return _timm.create_transform(**base, is_training=True, **a.timm_args())
+    # No random crop: timm's eval resize and centre crop, then the rest of its training
+    # pipeline: the flip, then jitter or RandAugment, then ToTensor, normalise and erasing.
     tf = _timm.create_transform(**base, is_training=False)
     at = next(i for i, t in enumerate(tf.transforms) if "ToTensor" in type(t).__name__)
-    tf.transforms[at:at] = ([T.RandomHorizontalFlip(a.hflip)] if a.hflip else []) + (
-        [T.ColorJitter(*(a.color_jitter,) * 3)] if a.color_jitter else [])
+    crop, rest, final = _timm.create_transform(
+        **base, is_training=True, separate=True,
+        **{**a.timm_args(), "color_jitter": a.color_jitter or None})
+    tf.transforms[at:] = crop.transforms[1:] + rest.transforms + final.transforms
     return tf
 
 
@@ -138,7 +138,7 @@ class ImageDataset:
             image = load_sample(sample)
             if self.per_sample_seed is None:
                 return self.transform(image), sample.label, index
-            return (_seeded(self.transform, image, sample_seed(self.per_sample_seed, index)),
+            return (seeded(self.transform, image, sample_seed(self.per_sample_seed, index)),
                     sample.label, index)
         except Exception:  # truncated, corrupt or not an image: skipped and reported
             return None, sample.label, index
@@ -152,7 +152,7 @@ def sample_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def _seeded(transform: Callable[[Any], Any], image: Any, seed: int) -> Any:
+def seeded(transform: Callable[[Any], Any], image: Any, seed: int) -> Any:
     """`transform(image)` with python, numpy and torch RNGs seeded; their states are restored."""
     import numpy as np
     import torch

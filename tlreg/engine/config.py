@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tlreg.data.augment import settle as settle_augment
 from tlreg.engine.callbacks import MONITORS
 from tlreg.engine.loggers import LOGGERS
 from tlreg.engine.schedulers import SCHEDULERS
@@ -65,12 +66,19 @@ class TrainConfig:
     # The data source's own options (tlreg.data.sources), e.g. csv's path_column, label_column
     source_args: dict[str, Any] = field(default_factory=dict)
     img_size: int | None = None
-    augment: bool | None = None
-    # Training augmentation (None: measured by the probe when LP-FT runs, else timm's 0.08,
-    # 0.5, 0.4; tlreg/augment.py)
+    # none, light, standard (true), strong (false: none; tlreg.data.augment.AUGMENTS); None:
+    # the policy's default (on when the backbone trains)
+    augment: bool | str | None = None
+    # Training augmentation (None: the preset's, else measured by the probe when LP-FT runs,
+    # else timm's 0.08, 0.5, 0.4; tlreg/data/augment.py)
     crop_scale: float | None = None  # RandomResizedCrop's smallest area; 0: no random crop
     hflip: float | None = None
     color_jitter: float | None = None
+    auto_augment: str | None = None  # timm's RandAugment string (none: off; None: the preset's)
+    reprob: float | None = None  # random-erasing probability (None: the preset's)
+    mixup: float = 0.0  # Mixup alpha (timm's Mixup; 0: off)
+    cutmix: float = 0.0  # CutMix alpha (with mixup too: one of the two per batch)
+    drop_path: float | None = None  # the backbone's stochastic depth while it trains
     cache: bool = True
     cache_dir: str | None = None
     decoded_cache: str = "auto"  # auto: memory when the backbone trains and it fits
@@ -103,6 +111,8 @@ class TrainConfig:
             object.__setattr__(self, f.name, _parse(f.name, getattr(self, f.name), f.type))
         for name, (low, high, closed) in _RANGES.items():
             _in_range(name, getattr(self, name), low, high, closed)
+        for name, value in settle_augment(self).items():  # the preset, and its checks
+            object.__setattr__(self, name, value)
         _choice("scheduler", self.scheduler, tuple(SCHEDULERS))
         if self.monitor is not None:
             _choice("monitor", self.monitor, tuple(MONITORS))
@@ -182,6 +192,10 @@ _RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "crop_scale": (0, 1, "both"),
     "hflip": (0, 1, "both"),
     "color_jitter": (0, None, "both"),
+    "reprob": (0, 1, "both"),
+    "mixup": (0, None, "both"),
+    "cutmix": (0, None, "both"),
+    "drop_path": (0, 1, "low"),
     "decoded_cache_gb": (0, None, "both"),
     "workers": (0, None, "both"),
     "seed": (0, None, "both"),
@@ -213,6 +227,13 @@ def _parse(name: str, value: Any, annotation: Any) -> Any:
             if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
                 return value.strip().lower() in _TRUE
             raise ValueError
+        if kind == "bool | str":  # a switch or a name (augment: true, or strong)
+            if isinstance(value, bool):
+                return value
+            if not isinstance(value, str):
+                raise ValueError
+            word = value.strip().lower()
+            return word in _TRUE if word in _TRUE | _FALSE else word
         if kind == "int":
             if isinstance(value, bool):
                 raise ValueError
@@ -244,7 +265,8 @@ def _parse(name: str, value: Any, annotation: Any) -> Any:
             return dict(value)
     except (TypeError, ValueError):
         word = {"int": "an integer", "float": "a number", "bool": "true or false",
-                "str": "a string", "list[str]": "a list of names"}.get(kind,
+                "str": "a string", "list[str]": "a list of names",
+                "bool | str": "true, false or a name"}.get(kind,
                                                                    "a mapping of key: value")
         raise UsageError(f"{name} must be {word}, got {value!r}") from None
     return value

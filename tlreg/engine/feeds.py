@@ -10,6 +10,7 @@ from tlreg.engine import distributed, objective, replicas
 if TYPE_CHECKING:
     import torch
 
+    from tlreg.data.mixup import BatchMix
     from tlreg.data.sources import DataSplit
     from tlreg.engine.inputs import Inputs
     from tlreg.engine.objective import Evaluation
@@ -21,6 +22,7 @@ class FeatureFeed:
     on global batches, so nothing is sharded and no gradient is reduced."""
 
     sharded = False
+    mix = None  # pooled features are not images: Mixup is refused before training
 
     def __init__(self, head: torch.nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
                  x_val: torch.Tensor, y_val: torch.Tensor, *, global_batch: int,
@@ -68,7 +70,8 @@ class FeatureFeed:
 
 
 class ImageFeed:
-    """Image batches through the whole model: this rank's shard, augmented, on the device."""
+    """Image batches through the whole model: this rank's shard, augmented, on the device;
+    `mix` is the run's Mixup / CutMix (None without), applied by the loop to each batch."""
 
     sharded = True
 
@@ -76,6 +79,13 @@ class ImageFeed:
                  compile: bool, label_smoothing: float) -> None:
         self.model, self.inputs, self.data = model, inputs, data
         self.compile, self.smoothing = compile, label_smoothing
+        cfg = inputs.config
+        self.mix: BatchMix | None = None
+        if cfg.mixup or cfg.cutmix:  # the smoothing goes into the mixed targets
+            from tlreg.data.mixup import BatchMix
+
+            self.mix = BatchMix(cfg.mixup, cfg.cutmix, len(data.classes),
+                                label_smoothing=label_smoothing, rank=distributed.rank())
         self.replicas = (replicas.Replicas(model, inputs.runtime.device)
                          if distributed.world() > 1 else None)
         self._forward: Any = self._compiled(model) if compile else model

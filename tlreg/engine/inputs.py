@@ -92,17 +92,24 @@ class Inputs:
 
     def prepare(self, data: DataSplit, augment: Augment) -> None:
         """Transforms for the image passes, and the decoded-image caches when they apply."""
-        from tlreg.data.decoded import BatchAugment, BatchEval
+        from tlreg.data.decoded import BatchAugment, BatchEval, batch_unsupported
         from tlreg.data.images import build_transform
 
         cfg = self.config
-        self.train_tf = build_transform(self.data_config, train=cfg.augment, augment=augment)
+        self.train_tf = build_transform(self.data_config, train=bool(cfg.augment),
+                                        augment=augment)
         self.val_tf = build_transform(self.data_config, train=False)
         self.decoded_train = self.decoded_val = None
         # Only the image path gets here: the backbone trains (or --augment is on), so decoding
         # every epoch is the cost to avoid; `auto` (the default) keeps it in memory.
         mode = self.decoded_mode()
         if mode == "off":
+            return
+        knob = batch_unsupported(augment) if cfg.augment else None
+        if knob is not None:  # said once: prepare runs once per run
+            self.say(f"note: the decoded-image cache's batched augmentation cannot apply {knob}; "
+                     "training images are decoded and augmented one at a time by timm's "
+                     "transform")
             return
         t0 = time.perf_counter()
         train = self.decode_images(data.train, mode)
@@ -115,7 +122,7 @@ class Inputs:
                           + [data.val[i].path for i in val.failed])
         self.train_batch_tf = BatchAugment(
             self.data_config, scale=(augment.crop_scale, 1.0) if augment.crop_scale else None,
-            hflip=augment.hflip, jitter=augment.color_jitter,
+            hflip=augment.hflip, jitter=augment.color_jitter, reprob=augment.reprob,
         ) if cfg.augment else BatchEval(self.data_config)
         self.eval_batch_tf = BatchEval(self.data_config)
         self.say(f"decoded {len(data.train) + len(data.val)} images once "

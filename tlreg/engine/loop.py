@@ -47,7 +47,12 @@ class Fitter(Protocol):
 
 
 class Feed(Protocol):
-    """Where the batches come from: cached features or images (tlreg.engine.trainer)."""
+    """Where the batches come from: cached features or images (tlreg.engine.trainer).
+
+    A feed may also have `mix`: a callable `(x, y, seed, step) -> (x, soft targets)` (Mixup /
+    CutMix, tlreg.data.mixup) that the loop applies to each training batch; None or absent:
+    no mixing.
+    """
 
     sharded: bool  # each rank sees its shard: metrics are summed across ranks
 
@@ -90,6 +95,8 @@ class SGD:
         forward = self.feed.forward(epoch)
         self.feed.train_mode()
         total, batches = self.feed.train_batches(epoch, seed)
+        mix = getattr(self.feed, "mix", None)
+        soft = mix is not None  # mixed batches carry soft targets (class probabilities)
         device = None
         loss_sum = correct = None
         seen = 0
@@ -98,6 +105,8 @@ class SGD:
         group_loss: Any = None
         self.optimizer.zero_grad(set_to_none=True)
         for step, (x, y) in enumerate(batches):
+            if mix is not None:  # seeded by (epoch seed, batch): --resume mixes the same
+                x, y = mix(x, y, seed, step)
             n = len(y)
             group += n
             last = (step + 1) % self.accumulate == 0 or step + 1 == total
@@ -107,7 +116,8 @@ class SGD:
             with sync:
                 with self._autocast():
                     logits = forward(x)
-                    loss = objective.loss(logits, y, self.smoothing, weight=self.class_weight)
+                    loss = objective.loss(logits, y, self.smoothing, weight=self.class_weight,
+                                          soft=soft)
                 # The sum over the step's images, divided by their count before the step: the
                 # gradient of the mean over all of them, as one batch that large would give.
                 self.scaler.scale(loss * n if self.accumulate > 1 else loss).backward()
@@ -117,7 +127,7 @@ class SGD:
                 correct = torch.zeros((), device=device, dtype=torch.long)
             batch_loss = loss.detach()
             loss_sum += batch_loss * n
-            correct += objective.correct(logits.detach(), y)
+            correct += objective.correct(logits.detach(), y, soft=soft)
             seen += n
             if self.accumulate > 1:  # the step's loss so far, summed over its images
                 group_loss = batch_loss * n if group_loss is None else group_loss + batch_loss * n

@@ -5,6 +5,11 @@ Multi-label targets are 0/1 rows, one column per class (a 2-D tensor): independe
 `binary_cross_entropy_with_logits`, as transformers' `problem_type="multi_label_classification"`.
 Every loss, count and prediction in the engine goes through here, so the shape of `y` is the
 only switch and no loop, feed or fitter has an `if multi_label` of its own.
+
+The one exception is said, not inferred: `soft=True` marks 2-D rows of class probabilities
+(one label per image, mixed by Mixup / CutMix, tlreg.data.mixup), trained by soft-target
+cross-entropy (timm's `SoftTargetCrossEntropy`) and counted right by their top class. The
+shape alone cannot tell them from 0/1 multi-label rows.
 """
 
 from __future__ import annotations
@@ -35,14 +40,20 @@ def smoothed(y: torch.Tensor, label_smoothing: float) -> torch.Tensor:
 
 
 def loss(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0,
-         reduction: str = "mean", weight: torch.Tensor | None = None) -> torch.Tensor:
+         reduction: str = "mean", weight: torch.Tensor | None = None, *,
+         soft: bool = False) -> torch.Tensor:
     """Cross-entropy for class indices; for 0/1 rows, binary cross-entropy averaged over the
     classes of each image (`reduction='none'` gives one value per image either way).
 
     `weight` (`class_weights`): per-class weights of the cross-entropy (its mean is then
-    PyTorch's weighted mean), or for 0/1 rows each class's `pos_weight`."""
+    PyTorch's weighted mean), or for 0/1 rows each class's `pos_weight`.
+    `soft`: `y` holds class probabilities: -sum(y * log_softmax), timm's soft-target
+    cross-entropy (the mean over images, weighted per class); their smoothing is already in
+    them, so `label_smoothing` is not applied again."""
     import torch.nn.functional as F
 
+    if soft:
+        return F.cross_entropy(logits.float(), y.float(), weight=weight, reduction=reduction)
     if not is_multi_label(y):
         return F.cross_entropy(logits, y, weight=weight, reduction=reduction,
                                label_smoothing=label_smoothing)
@@ -54,9 +65,12 @@ def loss(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0,
     return per_image.sum() if reduction == "sum" else per_image.mean()
 
 
-def correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def correct(logits: torch.Tensor, y: torch.Tensor, *, soft: bool = False) -> torch.Tensor:
     """How many images are labelled right: the top class, or every label (at probability 0.5)
-    right at once for multi-label (exact match, scikit-learn's multi-label accuracy)."""
+    right at once for multi-label (exact match, scikit-learn's multi-label accuracy); for
+    `soft` rows, the top class against the row's largest share (the mix's main image)."""
+    if soft:
+        return (logits.argmax(1) == y.argmax(1)).sum()
     if not is_multi_label(y):
         return (logits.argmax(1) == y).sum()
     return ((logits > 0) == y.bool()).all(1).sum()

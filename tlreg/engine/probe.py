@@ -64,8 +64,14 @@ def fit_head(t: Trainer, x: torch.Tensor, y: torch.Tensor) -> HeadFit:
 
 
 def probe_phase(t: Trainer, data: DataSplit) -> None:
-    """Fit the head on frozen features first, when `auto` must measure or LP-FT is on."""
+    """Fit the head on frozen features first, when `auto` must measure or LP-FT is on.
+
+    Mixup's checks come first (after `auto` decided, for it): one error before any work.
+    """
+    from tlreg.data import mixup
+
     cfg = t.config
+    mixup.check(cfg, multi_label=data.multi_label, features=t.use_features and not t.auto)
     if not (t.auto or (not t.use_features and cfg.lp_ft)):
         return
     t0 = time.perf_counter()
@@ -124,14 +130,18 @@ def measure_augment(t: Trainer, data: DataSplit) -> None:
         if user:
             a = replace(a, **user, reason=a.reason + "; as set: " + ", ".join(
                 f"{k}={v:g}" for k, v in user.items()))
-    t.augment = a
+    spec = t.augment_spec()  # RandAugment and erasing come from the config, not the probe
+    t.augment = a = replace(a, auto_augment=spec.auto_augment, reprob=spec.reprob)
     t.config = cfg.replace(crop_scale=a.crop_scale, hflip=a.hflip, color_jitter=a.color_jitter)
-    t.say(f"augmentation: {a.reason}")
+    t.say(f"augmentation: {a.reason}" + "".join(
+        f"; {part}" for part in (a.auto_augment and f"auto-augment {a.auto_augment}",
+                                 a.reprob and f"random erasing {a.reprob:g}") if part))
 
 
 def decide(t: Trainer, data: DataSplit, smallest_class: int, fit: HeadFit,
            images: int) -> None:
     """`--policy auto`: the policy from the data's size and the probe, then the plan again."""
+    from tlreg.data import mixup
     from tlreg.engine.auto import decide as choose
     from tlreg.models.transfer import resolve_policy
 
@@ -150,6 +160,7 @@ def decide(t: Trainer, data: DataSplit, smallest_class: int, fit: HeadFit,
     t.plan(len(data.train))
     t.lr_scale = t.world if t.config.lr_scaling == "linear" else 1
     t.say(f"policy auto -> {d.reason}")
+    mixup.check(t.config, multi_label=data.multi_label, features=t.use_features)
 
 
 def lp_ft_args(cfg: TrainConfig, policy: str, args: dict[str, Any]) -> dict[str, Any]:

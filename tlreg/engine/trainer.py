@@ -186,13 +186,14 @@ class Trainer:
             from tlreg.runs.checkpoint import info_from_dict
 
             meta = read_json(self.run_dir / "model.json")
-            self.model = build_from_info(info_from_dict(meta["info"]), pretrained=False)
+            self.model = build_from_info(info_from_dict(meta["info"]), pretrained=False,
+                                         drop_path=cfg.drop_path)
             self.pretrained_sha256 = meta.get("pretrained_sha256")
         else:
             self.model = create_model(
                 cfg.backbone, len(data.classes), head=cfg.head, head_args=cfg.head_args,
                 policy=cfg.policy, policy_args=cfg.policy_args, pretrained=cfg.pretrained,
-                weights=cfg.weights, label_names=data.classes)
+                weights=cfg.weights, label_names=data.classes, drop_path=cfg.drop_path)
             self.pretrained_sha256 = None
         self.data_config = _data_config(self.model, cfg.img_size)
         if not self.resume:
@@ -262,12 +263,9 @@ class Trainer:
 
     def augment_spec(self) -> Augment:
         """The training augmentation: the config's values, timm's where it has none."""
-        from tlreg.data.augment import TIMM, Augment
+        from tlreg.data.augment import of_config
 
-        cfg = self.config
-        return Augment(*(TIMM.crop_scale if cfg.crop_scale is None else cfg.crop_scale,
-                         TIMM.hflip if cfg.hflip is None else cfg.hflip,
-                         TIMM.color_jitter if cfg.color_jitter is None else cfg.color_jitter))
+        return of_config(self.config)
 
     def _setup(self, check_out: bool = True) -> DataSplit:
         """Everything before the first epoch: data, model on its device, probe, optimizer."""

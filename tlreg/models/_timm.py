@@ -8,24 +8,45 @@ from typing import Any
 
 import timm
 import torch
-from timm.data import create_transform, resolve_model_data_config
+from timm.data import Mixup, create_transform, resolve_model_data_config
+from timm.data.mixup import mixup_target
+from timm.data.random_erasing import RandomErasing
 from timm.models import get_pretrained_cfg, group_parameters
 from torch import nn
 
+from tlreg.errors import UsageError
+
 __all__ = [
+    "Mixup",
+    "RandomErasing",
     "create_transform",
     "feature_width",
     "group_ids",
     "list_models",
+    "mixup_target",
     "model_data_config",
     "pretrained_cfg",
 ]
 
 
-def create_backbone(timm_name: str, tag: str | None, pretrained: bool) -> nn.Module:
-    """A timm model with its classifier removed (`num_classes=0`), pooling kept."""
+def create_backbone(timm_name: str, tag: str | None, pretrained: bool,
+                    drop_path: float | None = None) -> nn.Module:
+    """A timm model with its classifier removed (`num_classes=0`), pooling kept.
+
+    `drop_path`: timm's `drop_path_rate` (stochastic depth, rising linearly over the blocks);
+    it adds no parameter, so weights load and save as without it.
+    """
     arch = f"{timm_name}.{tag}" if tag else timm_name
-    return timm.create_model(arch, pretrained=pretrained, num_classes=0)
+    if not drop_path:
+        return timm.create_model(arch, pretrained=pretrained, num_classes=0)
+    try:
+        return timm.create_model(arch, pretrained=pretrained, num_classes=0,
+                                 drop_path_rate=drop_path)
+    except TypeError as exc:
+        if "drop_path_rate" not in str(exc):
+            raise
+        raise UsageError(f"timm's {timm_name} has no stochastic depth (it takes no "
+                         "drop_path_rate); drop --drop-path") from None
 
 
 def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:

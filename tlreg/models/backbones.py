@@ -56,18 +56,24 @@ def weights_sha256(state_dict: StateDict) -> str:
 
 
 def build_backbone(spec: BackboneSpec, *, name: str, pretrained: bool = True,
-                   weights: str | os.PathLike[str] | None = None) -> nn.Module:
+                   weights: str | os.PathLike[str] | None = None,
+                   drop_path: float | None = None) -> nn.Module:
     """The timm model for `spec`, classifier removed, with the weights asked for.
 
     `weights` (a safetensors file) overrides the spec's source. Every failure to get weights
     is one `WeightsError` naming the backbone, the source, and how to supply a file instead.
+    `drop_path` is timm's `drop_path_rate` (training only: it is not part of the model's info).
     """
+    from tlreg.errors import UsageError
     from tlreg.models import _timm
 
     weights_file = weights or spec.weights_file
     if pretrained and weights_file is None and spec.loader is None:
         try:
-            return _timm.create_backbone(spec.timm_name, spec.tag, pretrained=True)
+            return _timm.create_backbone(spec.timm_name, spec.tag, pretrained=True,
+                                         drop_path=drop_path)
+        except UsageError:
+            raise
         except Exception as exc:  # network, offline mode, missing file: all the same to a user
             offline = " (HF_HUB_OFFLINE is set)" if _offline() else ""
             raise WeightsError(
@@ -76,7 +82,8 @@ def build_backbone(spec: BackboneSpec, *, name: str, pretrained: bool = True,
                 f"Supply them from a file with --weights FILE.safetensors (weights=... in Python), "
                 f"or use --no-pretrained"
             ) from exc
-    model = _timm.create_backbone(spec.timm_name, spec.tag, pretrained=False)
+    model = _timm.create_backbone(spec.timm_name, spec.tag, pretrained=False,
+                                  drop_path=drop_path)
     if not pretrained:
         return model
     if weights_file is not None:

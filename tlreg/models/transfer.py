@@ -221,8 +221,14 @@ def create_model(backbone: str, num_classes: int, *, head: str | None = None,
                  head_args: Mapping[str, Any] | None = None, policy: str | None = None,
                  policy_args: Mapping[str, Any] | None = None, pretrained: bool = True,
                  weights: str | None = None,
-                 label_names: tuple[str, ...] | list[str] = ()) -> TransferModel:
-    """Build a TransferModel from registered names; defaults come from the backbone's spec."""
+                 label_names: tuple[str, ...] | list[str] = (),
+                 drop_path: float | None = None) -> TransferModel:
+    """Build a TransferModel from registered names; defaults come from the backbone's spec.
+
+    `drop_path` (timm's `drop_path_rate`) is for training: it is not recorded in the model's
+    info, so a checkpoint or artifact rebuilds without it (it has no weights, and does nothing
+    in eval mode).
+    """
     if num_classes < 2:
         raise UsageError(f"num_classes must be at least 2, got {num_classes}")
     if label_names and len(label_names) != num_classes:
@@ -235,7 +241,8 @@ def create_model(backbone: str, num_classes: int, *, head: str | None = None,
     head = head or spec.head
     policy = policy or spec.policy
     pol = resolve_policy(policy, policy_args)
-    module = build_backbone(spec, name=backbone, pretrained=pretrained, weights=weights)
+    module = build_backbone(spec, name=backbone, pretrained=pretrained, weights=weights,
+                            drop_path=drop_path)
     head_module = build_head(head, _timm.feature_width(module), num_classes, head_args)
     source = ("file" if weights else spec.source) if pretrained else "random"
     info = ModelInfo(
@@ -255,12 +262,12 @@ def _hub_id(spec: BackboneSpec) -> str | None:
 
 
 def build_from_info(info: ModelInfo, *, pretrained: bool = False,
-                    weights: str | None = None) -> TransferModel:
+                    weights: str | None = None, drop_path: float | None = None) -> TransferModel:
     """Rebuild the model a ModelInfo describes (random weights unless `pretrained`)."""
     model = create_model(
         info.backbone, info.num_classes, head=info.head, head_args=info.head_args,
         policy=info.policy, policy_args=info.policy_args, pretrained=pretrained,
-        weights=weights, label_names=info.label_names,
+        weights=weights, label_names=info.label_names, drop_path=drop_path,
     )
     model.info = info  # keep the original weight source, not 'random'
     return model

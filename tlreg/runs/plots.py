@@ -26,12 +26,7 @@ def plot_history(history: Sequence[dict[str, Any]], path: Path) -> None:
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-    finally:
-        plt.close(fig)
+    _save(fig, path)
 
 
 def plot_lr_find(lrs: Sequence[float], losses: Sequence[float],
@@ -51,6 +46,13 @@ def plot_lr_find(lrs: Sequence[float], losses: Sequence[float],
            title="learning-rate range test")
     ax.grid(alpha=0.3)
     ax.legend()
+    _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> None:
+    """The figure as a PNG, written atomically; the figure is closed either way."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     try:
         with atomic_path(path) as tmp:

@@ -6,6 +6,7 @@ register in tlreg's own pyproject.toml, exactly as a plugin package would regist
     [project.entry-points."tlreg.exporters"]
     tlreg = "tlreg.sharing.exporters:export_tlreg"   # the head-only artifact (docs/format.md)
     timm = "tlreg.sharing.exporters:export_timm"     # a plain timm folder
+    onnx = "tlreg.sharing.onnx:export_onnx"          # model.onnx + preprocess.json
 
 so `export_run(..., format=NAME)` and `tlreg export --format NAME` resolve every name the same
 way backbones, heads and policies resolve: `tlreg.registry.get("exporter", NAME)`.
@@ -76,11 +77,12 @@ def get_exporter(name: str) -> Exporter:
 
 def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                checkpoint: str = "best", *, format: str = "tlreg",
-               dataset: str | None = None) -> Path:
+               dataset: str | None = None, options: Mapping[str, Any] | None = None) -> Path:
     """Turn a run directory into a shareable folder with the exporter named `format`.
 
     Metrics are the checkpoint's validation metrics, the curve is training.png, the pretrained
     weights hash from model.json; nothing else from the run (no paths, no optimizer state) goes in.
+    `options` are the exporter's own keywords (onnx: opset, dynamic_batch, fp16, check_images).
     """
     exporter = get_exporter(format)  # before any work: an unknown name is a usage error
     run_dir = Path(run_dir)
@@ -91,7 +93,7 @@ def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     curve = run_dir / CURVE_FILE
     out = exporter(model, out_dir, metrics=run_metrics(run_dir, checkpoint), dataset=dataset,
                    pretrained_sha256=meta.get("pretrained_sha256"),
-                   training_curve=curve if curve.is_file() else None)
+                   training_curve=curve if curve.is_file() else None, **dict(options or {}))
     if not isinstance(out, str | os.PathLike):
         raise PluginError(f"exporter {format!r} returned {type(out).__name__}, expected the "
                           f"path of the folder it wrote")

@@ -253,6 +253,8 @@ def write_folder_atomically(directory: Path, write: Callable[[Path], None]) -> N
 
 
 def _replaceable(directory: Path) -> bool:
+    if _is_onnx_export(directory):
+        return True
     try:
         cfg = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -260,6 +262,18 @@ def _replaceable(directory: Path) -> bool:
     is_artifact = isinstance(cfg, dict) and cfg.get("format") == FORMAT_NAME
     is_timm_export = isinstance(cfg, dict) and "architecture" in cfg and "pretrained_cfg" in cfg
     return is_artifact or is_timm_export
+
+
+def _is_onnx_export(directory: Path) -> bool:
+    """A folder `--format onnx` wrote: its preprocess.json says so."""
+    from tlreg.preprocess import FORMAT_NAME as ONNX_FORMAT
+    from tlreg.preprocess import PREPROCESS_FILE
+
+    try:
+        cfg = json.loads((directory / PREPROCESS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and cfg.get("format") == ONNX_FORMAT
 
 
 def write_json(path: Path, data: Any) -> None:

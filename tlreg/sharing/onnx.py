@@ -1,0 +1,178 @@
+"""The `onnx` exporter: the whole model (backbone + any head) as model.onnx + preprocess.json.
+
+It uses torch's TorchScript-based exporter (`torch.onnx.export(..., dynamo=False)`): it traces
+the eval-mode model once, needs no extra package (the dynamo exporter needs onnxscript), takes
+any opset from 7 up (dynamo: 18 and up) and gives timm's CNNs and ViTs a dynamic batch axis
+through `dynamic_axes`. torch marks it deprecated; when it goes, `_export` is the one place to
+change. The folder is written aside and swapped in whole, and only after onnxruntime has run
+the file on real (or, without any, synthetic) images and matched PyTorch's logits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tlreg.errors import TlregError, UsageError
+from tlreg.preprocess import MODEL_FILE, PREPROCESS_FILE, Preprocess, deploy_config
+from tlreg.sharing.save import write_folder_atomically, write_json
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from tlreg.models.transfer import TransferModel
+
+DEFAULT_OPSET = 17  # LayerNormalization as one node; onnxruntime >= 1.12 runs it
+INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"  # transformers' names
+FP32_TOLERANCE = 1e-4  # max abs difference of the logits, onnxruntime vs PyTorch
+FP16_TOLERANCE = 2e-2  # relative to the largest logit (at least 1): half precision's rounding
+INSTALL_HINT = "pip install 'tlreg[onnx]'"
+
+
+def export_onnx(model: TransferModel, out_dir: str | os.PathLike[str], *,
+                opset: int | None = None, dynamic_batch: bool | None = None,
+                fp16: bool | None = None,
+                check_images: Sequence[str | os.PathLike[str]] | None = None,
+                **_: Any) -> Path:
+    """`onnx`: OUT/model.onnx and OUT/preprocess.json (the same fields in the ONNX metadata).
+
+    `check_images` are image files for the check after writing (a few synthetic images when
+    none are given). Run context (metrics, dataset) is ignored.
+    """
+    opset = DEFAULT_OPSET if opset is None else opset
+    dynamic_batch = True if dynamic_batch is None else bool(dynamic_batch)
+    fp16 = bool(fp16)
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 1:
+        raise UsageError(f"--opset must be a positive integer, got {opset!r}")
+    try:
+        import onnx  # noqa: F401 - both are needed before any work
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise UsageError(f"--format onnx needs {exc.name}: {INSTALL_HINT}") from None
+    from tlreg import __version__
+
+    info = model.info
+    preprocess = Preprocess.from_config(model.data_config)
+    labels = list(info.label_names) or [str(i) for i in range(info.num_classes)]
+    config = deploy_config(
+        preprocess, labels, info.problem_type, info.thresholds or None,
+        backbone=info.backbone, timm_name=info.timm_name, head=info.head, opset=opset,
+        dynamic_batch=dynamic_batch, dtype="float16" if fp16 else "float32",
+        input_name=INPUT_NAME, output_name=OUTPUT_NAME, tlreg_version=__version__)
+    images = _check_batch(preprocess, check_images)
+
+    def write(tmp: Path) -> None:
+        path = tmp / MODEL_FILE
+        _export(model, path, preprocess, opset, dynamic_batch, fp16)
+        _add_metadata(path, config)
+        write_json(tmp / PREPROCESS_FILE, config)
+        check(model, path, images, dynamic_batch, fp16, opset)
+
+    out_dir = Path(out_dir)
+    write_folder_atomically(out_dir, write)
+    return out_dir
+
+
+def _export(model: TransferModel, path: Path, preprocess: Preprocess, opset: int,
+            dynamic_batch: bool, fp16: bool) -> None:
+    """torch.onnx.export of an eval-mode CPU copy; exporter failures as one UsageError."""
+    import copy
+    import warnings
+
+    import torch
+    from torch.onnx.errors import OnnxExporterError
+
+    net = copy.deepcopy(model).cpu().eval()
+    dtype = torch.float16 if fp16 else torch.float32
+    net = net.to(dtype)
+    # Traced at batch 2 when the axis is dynamic, so nothing batch-1-specific is baked in.
+    x = torch.zeros(2 if dynamic_batch else 1, *preprocess.input_size, dtype=dtype)
+    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+    try:
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")  # the exporter's deprecation and tracer warnings
+            torch.onnx.export(net, (x,), str(path), dynamo=False, opset_version=opset,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes=axes, do_constant_folding=True)
+    except (OnnxExporterError, RuntimeError, ValueError) as exc:
+        raise UsageError(f"cannot export {model.info.backbone} + {model.info.head} head to ONNX "
+                         f"opset {opset}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _add_metadata(path: Path, config: dict[str, Any]) -> None:
+    """Every preprocess.json field as a metadata_props entry, its value as JSON text."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    onnx.helper.set_model_props(proto, {k: json.dumps(v) for k, v in config.items()})
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+
+
+def _check_batch(preprocess: Preprocess,
+                 files: Sequence[str | os.PathLike[str]] | None) -> np.ndarray:
+    """The images the check runs on, preprocessed as `tlreg predict model.onnx` will."""
+    import numpy as np
+    from PIL import Image
+
+    from tlreg.data.images import load_rgb
+
+    if files:
+        return preprocess.batch([load_rgb(f) for f in list(files)[:7]])
+    # Smooth gradients with noise, of three aspect ratios: every crop and resize path is hit.
+    rng = np.random.default_rng(0)
+    out = []
+    for w, h in ((97, 75), (64, 128), (200, 200)):
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h)], -1)
+        pixels = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+        out.append(Image.fromarray(pixels, "RGB"))
+    return preprocess.batch(out)
+
+
+def check(model: TransferModel, path: Path, images: np.ndarray, dynamic_batch: bool,
+          fp16: bool, opset: int) -> float:
+    """onnxruntime's logits for `images` against PyTorch's (fp32): the max abs difference.
+
+    Each image alone (batch 1), and all in one batch where the batch axis is dynamic. Raises
+    a TlregError when they differ by more than the tolerance, a UsageError when onnxruntime
+    cannot run the file (an opset too old for one of its operators).
+    """
+    import copy
+
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own pybind classes (NotImplemented, Fail)
+        raise UsageError(f"onnxruntime cannot run {model.info.backbone} exported at opset "
+                         f"{opset}: {_first_line(exc)}; try a newer --opset (default "
+                         f"{DEFAULT_OPSET})") from None
+    net = copy.deepcopy(model).cpu().float().eval()
+    with torch.no_grad():
+        ref = net(torch.from_numpy(images)).numpy()
+    dtype = np.float16 if fp16 else np.float32
+    runs = [session.run(None, {INPUT_NAME: images[i:i + 1].astype(dtype)})[0]
+            for i in range(len(images))]
+    got = [np.concatenate(runs)]
+    if dynamic_batch:
+        got.append(session.run(None, {INPUT_NAME: images.astype(dtype)})[0])
+    diff = max(float(np.abs(g.astype(np.float32) - ref).max()) for g in got)
+    tolerance = FP16_TOLERANCE * max(1.0, float(np.abs(ref).max())) if fp16 else FP32_TOLERANCE
+    if not diff <= tolerance:
+        raise TlregError(f"the ONNX export of {model.info.backbone} does not match PyTorch: "
+                         f"logits differ by {diff:.3g} (tolerance {tolerance:.3g}) on "
+                         f"{len(images)} images; nothing was written")
+    return diff
