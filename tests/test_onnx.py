@@ -150,6 +150,13 @@ def test_preprocess_json_and_metadata_agree(photos, tmp_path) -> None:
      "crop_mode": "center"},  # larger than some images: torchvision's pad, then crop
 ])
 def test_numpy_preprocessing_equals_timms_transform(cfg, photos) -> None:
+    import timm
+    from packaging.version import Version
+
+    if cfg["input_size"][1] != cfg["input_size"][2] and Version(timm.__version__) < Version(
+            "1.0.31"):
+        pytest.skip("older timm resizes non-square inputs by another rule; tlreg's NumPy "
+                    "preprocessing follows timm 1.0.31's (found by the lowest-timm CI step)")
     cfg = cfg | {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
     ours, timm_tf = Preprocess.from_config(cfg), build_transform(cfg, train=False)
     for f in photos:

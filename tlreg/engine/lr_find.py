@@ -158,7 +158,9 @@ def sweep(feed: Feed, optimizer: Any, module: torch.nn.Module, *, seed: int,
             smooth.append(smoothed)
             if progress is not None:
                 progress(i + 1, num_it)
-            if not math.isfinite(smoothed) or smoothed > DIVERGED * best:
+            # not within the first tenth, which the suggestions skip too: a near-zero loss
+            # (a head already fitted by LP-FT) would otherwise "diverge" on noise
+            if not math.isfinite(smoothed) or (i >= num_it // 10 and smoothed > DIVERGED * best):
                 stopped = "diverged"
                 break
             best = min(best, smoothed)
