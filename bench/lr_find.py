@@ -27,7 +27,7 @@ RESULTS = ROOT / "bench" / "results" / "lr_find.json"
 BACKBONE = ["--backbone", "efficientnet_lite0", "--device", "cpu"]
 
 
-def run(argv: list[str], cache: Path) -> dict[str, Any]:
+def _spawn(argv: list[str], cache: Path) -> dict[str, Any]:
     r = spawn(argv, env={"TLREG_CACHE_DIR": str(cache)})
     if r["rc"] != 0:
         raise SystemExit(f"{' '.join(argv)} failed:\n{r['stderr_tail']}")
@@ -35,7 +35,7 @@ def run(argv: list[str], cache: Path) -> dict[str, Any]:
 
 
 def sweep(out: Path, cache: Path) -> dict[str, Any]:
-    r = run(["tlreg", "lr-find", str(HYMENOPTERA), "--policy", "feature-extract", *BACKBONE,
+    r = _spawn(["tlreg", "lr-find", str(HYMENOPTERA), "--policy", "feature-extract", *BACKBONE,
              "--out", str(out), "--quiet"], cache)
     found = json.loads((out / "lr_find.json").read_text())
     return {"wall_s": r["wall_s"], "sweep_s": found["seconds"], "steps": len(found["lrs"]),
@@ -47,7 +47,7 @@ def finetune(out: Path, cache: Path, seed: int, epochs: int, find: bool) -> dict
             str(seed), "--epochs", str(epochs), "--quiet", "--out", str(out)]
     if find:
         argv += ["--lr", "find"]
-    r = run(argv, cache)
+    r = _spawn(argv, cache)
     last = json.loads((out / "history.json").read_text())[-1]
     config = yaml.safe_load((out / "config.yaml").read_text())
     found = json.loads((out / "run.json").read_text()).get("lr_find")
