@@ -488,7 +488,8 @@ def test_timm_export_loads_without_tlreg_and_gives_the_same_logits(tmp_path: Pat
     model.info = replace(model.info, data_config={**model.data_config, "mean": (0.4, 0.5, 0.6)})
     nudge_head(model)
     out = export_timm(model, tmp_path / "timm")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json",
+                                                     "model.safetensors"]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architecture"] == "test_resnet" and cfg["num_classes"] == 3
     assert cfg["label_names"] == ["x", "y", "z"] and cfg["num_features"] == 96

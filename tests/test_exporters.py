@@ -63,8 +63,11 @@ def test_export_run_resolves_the_built_ins_by_name(run: Path, tmp_path: Path) ->
     cfg = json.loads((art / CONFIG_FILE).read_text())
     assert (art / HEAD_FILE).is_file() and cfg["dataset"] == "user/ants"
     assert cfg["metrics"] == {"epoch": 1.0, "val_loss": 0.3125, "val_accuracy": 0.875}
-    timm_dir = export_run(run, tmp_path / "timm", format="timm", dataset="ignored")
-    assert sorted(p.name for p in timm_dir.iterdir()) == [CONFIG_FILE, "model.safetensors"]
+    timm_dir = export_run(run, tmp_path / "timm", format="timm", dataset="user/ants")
+    assert sorted(p.name for p in timm_dir.iterdir()) == ["README.md", CONFIG_FILE,
+                                                          "model.safetensors"]
+    assert "dataset" not in json.loads((timm_dir / CONFIG_FILE).read_text())  # the card's only
+    assert "- user/ants" in (timm_dir / "README.md").read_text()
 
 
 def test_a_third_party_exporter_is_listed_and_used(plugin_site, cli, run: Path,

@@ -95,13 +95,17 @@ def push(
     checkpoint: str = CHECKPOINT,
     dataset: str | None = typer.Option(None, "--dataset",
                                        help="Hub dataset id for the card (runs only)."),
+    fmt: str = typer.Option("tlreg", "--format", help=(
+        "What a run is pushed as: tlreg (head-only artifact), timm (loads in timm and "
+        "transformers without tlreg; linear heads), onnx, or a plugin's exporter. A folder "
+        "is pushed as it is.")),
 ) -> None:
-    """Push an artifact to the Hub as one commit (created if needed)."""
+    """Push a run or an export folder to the Hub as one commit (repo created if needed)."""
     from tlreg.sharing.api import push_model
 
     kwargs: dict[str, Any] = {"dataset": dataset} if dataset else {}
     url = push_model(source, repo_id, private=private, revision=revision, message=message,
-                     token=token, checkpoint=checkpoint, **kwargs)
+                     token=token, checkpoint=checkpoint, format=fmt, **kwargs)
     print(f"pushed {repo_id}@{revision}: {url}")
 
 

@@ -19,7 +19,7 @@ from tlreg._io import MODEL_JSON
 from tlreg.errors import UsageError
 from tlreg.hubclient import check_revision, split_revision
 from tlreg.runs.checkpoint import load_run_model
-from tlreg.sharing.exporters import export_run
+from tlreg.sharing.exporters import export_run, get_exporter
 from tlreg.sharing.hub import pull, push_folder
 from tlreg.sharing.inspect import inspect_folder, inspect_hub, inspect_run
 from tlreg.sharing.load import load_artifact_dir
@@ -96,12 +96,16 @@ def load_artifact(source: str | os.PathLike[str], *, revision: str | None = None
 def push_model(model_or_artifact_dir: TransferModel | str | os.PathLike[str], repo_id: str, *,
                private: bool = False, revision: str | None = None, message: str | None = None,
                token: str | None = None, endpoint: str | None = None, checkpoint: str = "best",
+               format: str = "tlreg", options: Mapping[str, Any] | None = None,
                **save_kwargs: Any) -> str:
-    """Push a model, an artifact folder or a run directory as one commit; returns its URL.
+    """Push a model, an export folder or a run directory as one commit; returns its URL.
 
-    The repo is created if needed (`private` only applies then); `revision` is a branch,
-    created from main if missing. Files a previous push left that the new artifact lacks
-    (an old backbone delta, say) are deleted in the same commit.
+    A model or a run is exported first with the exporter named `format` (`tlreg`, `timm`,
+    `onnx`; `options` are its own keywords, as for `export_run`); a folder is pushed as it is,
+    whichever of the three it holds. The repo is created if needed (`private` only applies
+    then); `revision` is a branch, created from main if missing. Files a previous push left that
+    the new one lacks (an old backbone delta, another format's files) are deleted in the same
+    commit.
     """
     split_revision(repo_id)  # checks its shape
     if revision is not None:
@@ -110,7 +114,7 @@ def push_model(model_or_artifact_dir: TransferModel | str | os.PathLike[str], re
         raise UsageError(f"push takes a plain repo id, not {repo_id!r}; use --revision BRANCH")
     with tempfile.TemporaryDirectory(prefix="tlreg-push-") as tmp:
         folder = _artifact_folder(model_or_artifact_dir, Path(tmp) / "artifact", checkpoint,
-                                  save_kwargs)
+                                  format, dict(options or {}), save_kwargs)
         return push_folder(folder, repo_id, private=private, revision=revision or "main",
                            message=message, token=token, endpoint=endpoint)
 
@@ -123,17 +127,22 @@ def push_run(run_dir: str | os.PathLike[str], repo_id: str, checkpoint: str = "b
     return push_model(Path(run_dir), repo_id, checkpoint=checkpoint, **kwargs)
 
 
-def _artifact_folder(obj: Any, tmp: Path, checkpoint: str, save_kwargs: Mapping[str, Any]) -> Path:
-    """The artifact folder to push: written to `tmp` for a model or a run, else `obj` itself."""
+def _artifact_folder(obj: Any, tmp: Path, checkpoint: str, format: str,
+                     options: dict[str, Any], save_kwargs: Mapping[str, Any]) -> Path:
+    """The folder to push: exported to `tmp` for a model or a run, else `obj` itself."""
     if not isinstance(obj, str | os.PathLike):
-        return save_artifact(obj, tmp, **save_kwargs)
+        if format == "tlreg" and not options:
+            return save_artifact(obj, tmp, **save_kwargs)
+        return Path(get_exporter(format)(obj, tmp, **dict(save_kwargs), **options))
     kind, path, _ = parse_source(obj)
     if kind == "hub" or not Path(path).is_dir():
         raise UsageError(f"{os.fspath(obj)} is not a local artifact folder or run directory")
     if kind == "run":
-        return export_run(path, tmp, checkpoint, **save_kwargs)
-    if save_kwargs:
-        raise UsageError(f"{', '.join(save_kwargs)} only apply when pushing a model or a run")
+        return export_run(path, tmp, checkpoint, format=format, options=options, **save_kwargs)
+    given = [*save_kwargs, *options] + (["format"] if format != "tlreg" else [])
+    if given:
+        raise UsageError(f"{', '.join(given)} only apply when pushing a model or a run; a "
+                         f"folder is pushed as it is")
     return Path(path)
 
 

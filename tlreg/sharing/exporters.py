@@ -24,9 +24,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 from tlreg._io import MODEL_JSON, save_file
 from tlreg.errors import PluginError, UnknownNameError, UsageError
 from tlreg.runs.checkpoint import load_run_model
+from tlreg.sharing.card import base_model, deploy_card
 from tlreg.sharing.format import (
+    CARD_FILE,
     CONFIG_FILE,
     CURVE_FILE,
+    TIMM_WEIGHTS,
     clean_metrics,
     jsonable_data_config,
     problem_fields,
@@ -150,11 +153,15 @@ def export_tlreg(model: TransferModel, out_dir: str | os.PathLike[str], *,
                          pretrained_sha256=pretrained_sha256, training_curve=training_curve)
 
 
-def export_timm(model: TransferModel, out_dir: str | os.PathLike[str], **_: Any) -> Path:
+def export_timm(model: TransferModel, out_dir: str | os.PathLike[str], *,
+                metrics: Mapping[str, Any] | None = None, dataset: str | None = None,
+                **_: Any) -> Path:
     """`timm`: a plain timm folder; `timm.create_model("local-dir:OUT", pretrained=True)`.
 
-    Only a linear head maps onto timm's own classifier; other heads are an error. Run context
-    (metrics, dataset) has no place in timm's config and is ignored.
+    Pushed, `timm.create_model("hf-hub:REPO", pretrained=True)` and transformers'
+    `pipeline("image-classification", model=REPO)` load it. Only a linear head maps onto timm's
+    own classifier; other heads are an error. Run context (metrics, dataset) has no place in
+    timm's config: it goes into the model card (README.md) only.
     """
     from torch import nn
 
@@ -177,10 +184,16 @@ def export_timm(model: TransferModel, out_dir: str | os.PathLike[str], **_: Any)
     classifier.load_state_dict(linears[0].state_dict())
     config = _timm_config(model, full)
     state = cpu_tensors(full.state_dict())
+    card = deploy_card("timm", labels=config["label_names"], architecture=config["architecture"],
+                       backbone=info.backbone, head=info.head, base_model=base_model(info),
+                       problem_type=config.get("problem_type"),
+                       thresholds=config.get("thresholds"),
+                       metrics=clean_metrics(metrics or {}), dataset=dataset)
 
     def write(tmp: Path) -> None:
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        save_file(state, tmp / TIMM_WEIGHTS, metadata={"format": "pt"})
         write_json(tmp / CONFIG_FILE, config)
+        (tmp / CARD_FILE).write_text(card, encoding="utf-8")
 
     out_dir = Path(out_dir)
     write_folder_atomically(out_dir, write)

@@ -35,6 +35,7 @@ CARD_FILE = "README.md"
 CURVE_FILE = "training.png"
 # Every file an artifact may hold; nothing else is written, pushed or downloaded.
 ARTIFACT_FILES = (CONFIG_FILE, HEAD_FILE, BACKBONE_FILE, CARD_FILE, CURVE_FILE)
+TIMM_WEIGHTS = "model.safetensors"  # `--format timm`: timm's (and transformers') weights file
 # Pickle-based formats: loading one can run arbitrary code, so tlreg refuses to touch them.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 # Stands in for the repo id in a saved card; `tlreg push` fills it in.

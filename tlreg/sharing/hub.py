@@ -33,11 +33,13 @@ from tlreg.hubclient import (
     safe_get_token,
     split_revision,
 )
+from tlreg.preprocess import MODEL_FILE, PREPROCESS_FILE
 from tlreg.sharing.format import (
     ARTIFACT_FILES,
     CARD_FILE,
     CONFIG_FILE,
     REPO_ID_PLACEHOLDER,
+    TIMM_WEIGHTS,
     check_no_pickles,
     read_config,
     verify_files,
@@ -51,25 +53,23 @@ from tlreg.sharing.save import write_folder_atomically
 def push_folder(folder: Path, repo_id: str, *, private: bool = False, revision: str = "main",
                 message: str | None = None, token: str | None = None,
                 endpoint: str | None = None) -> str:
-    """Push a verified artifact folder as one commit on `revision`; returns the commit URL.
+    """Push a verified export folder as one commit on `revision`; returns the commit URL.
 
-    Files a previous push left that the new artifact lacks (an old backbone delta, say) are
-    deleted in the same commit, which is made on top of the revision just read.
+    The folder is a tlreg artifact, a `timm` export or an `onnx` export (`publishable`).
+    Files a previous push left that the new one lacks (an old backbone delta, or the files of
+    another format) are deleted in the same commit, which is made on top of the revision
+    just read.
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
-    check_no_pickles([p.name for p in folder.iterdir()], str(folder))
-    config = read_config(folder)
-    verify_files(folder, config)  # never publish a corrupt artifact
-    names = [n for n in ARTIFACT_FILES if (folder / n).is_file()]
+    names, summary = publishable(folder)
     payload = {n: (folder / n).read_bytes() for n in names}
     if CARD_FILE in payload:
         payload[CARD_FILE] = payload[CARD_FILE].replace(REPO_ID_PLACEHOLDER.encode(),
                                                         repo_id.encode())
     check_publishable(payload, folder, token)
     api = hf_api(endpoint, token)
-    summary = message or (f"Upload tlreg artifact ({config['backbone']['name']}, "
-                          f"{config['head']['name']} head, {config['num_classes']} classes)")
+    summary = message or summary
     with hub_errors(repo_id, revision, api.endpoint, token=token, writing=True):
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision != "main":
@@ -78,11 +78,78 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False, revision: 
         existing = {s.rfilename for s in current.siblings or []}
         ops: list[Any] = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=data)
                           for n, data in payload.items()]
-        ops += [CommitOperationDelete(path_in_repo=n) for n in ARTIFACT_FILES
+        ops += [CommitOperationDelete(path_in_repo=n) for n in PUSHED_FILES
                 if n in existing and n not in payload]
         info = api.create_commit(repo_id, ops, commit_message=summary, revision=revision,
                                  parent_commit=current.sha, repo_type="model")
     return str(info.commit_url)
+
+
+# Every file a push of any format writes (and may delete again): never a user's own file.
+PUSHED_FILES = (*ARTIFACT_FILES, TIMM_WEIGHTS, MODEL_FILE, PREPROCESS_FILE)
+
+
+def publishable(folder: Path) -> tuple[list[str], str]:
+    """The files to push from `folder` and a commit message; refuses what it cannot verify.
+
+    A tlreg artifact is checked against its own checksums; a `timm` export must open as
+    safetensors with a timm config; an `onnx` export must pass onnx's checker with a valid
+    preprocess.json. Anything else, or a pickle anywhere, is an error: never publish a corrupt
+    or unsafe folder.
+    """
+    import json
+
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder} is not a folder")
+    check_no_pickles([p.name for p in folder.iterdir()], str(folder))
+    present = [n for n in PUSHED_FILES if (folder / n).is_file()]
+    if (folder / MODEL_FILE).is_file() or (folder / PREPROCESS_FILE).is_file():
+        cfg = _check_onnx_folder(folder)
+        return ([n for n in (MODEL_FILE, PREPROCESS_FILE, CARD_FILE) if n in present],
+                f"Upload ONNX model ({cfg.get('backbone')}, {cfg.get('head')} head, "
+                f"{len(cfg['label_names'])} classes)")
+    if (folder / TIMM_WEIGHTS).is_file():
+        cfg = _check_timm_folder(folder, json)
+        return ([n for n in (CONFIG_FILE, TIMM_WEIGHTS, CARD_FILE) if n in present],
+                f"Upload timm model ({cfg['architecture']}, {cfg['num_classes']} classes)")
+    config = read_config(folder)
+    verify_files(folder, config)
+    return ([n for n in ARTIFACT_FILES if n in present],
+            f"Upload tlreg artifact ({config['backbone']['name']}, "
+            f"{config['head']['name']} head, {config['num_classes']} classes)")
+
+
+def _check_timm_folder(folder: Path, json: Any) -> dict[str, Any]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        cfg = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ArtifactError(f"{folder} has a {TIMM_WEIGHTS} but no readable timm "
+                            f"{CONFIG_FILE}: {exc}") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("architecture"), str) or not (
+            isinstance(cfg.get("num_classes"), int)):
+        raise ArtifactError(f"{folder / CONFIG_FILE} is not a timm config (it needs "
+                            f"\"architecture\" and \"num_classes\")")
+    try:
+        with safe_open(str(folder / TIMM_WEIGHTS), framework="numpy") as f:
+            if not list(f.keys()):
+                raise ArtifactError(f"{folder / TIMM_WEIGHTS} holds no tensors")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ArtifactError(f"{folder / TIMM_WEIGHTS} is not a valid safetensors file: "
+                            f"{exc}") from None
+    return cfg
+
+
+def _check_onnx_folder(folder: Path) -> dict[str, Any]:
+    from tlreg.onnx_predict import load_onnx
+
+    try:
+        # The folder's preprocess.json when it has one, else the model's own metadata.
+        model = load_onnx(folder if (folder / PREPROCESS_FILE).is_file() else folder / MODEL_FILE)
+    except UsageError as exc:
+        raise ArtifactError(f"not pushing {folder}: {exc}") from None
+    return model.config
 
 
 _TOKEN_RE = re.compile(rb"hf_[A-Za-z0-9]{20,}")
@@ -104,11 +171,13 @@ def check_publishable(payload: Mapping[str, bytes], folder: Path, token: str | N
             raise UnsafeUploadError(f"{name} contains a Hub token; refusing to push it")
         if text and any(p in data for p in local):
             raise UnsafeUploadError(f"{name} contains a local path; refusing to push it")
-    config = json.loads(payload[CONFIG_FILE])
-    for where, value in _strings(config):
-        if _ABS_PATH.match(value):
-            raise UnsafeUploadError(f"{CONFIG_FILE} has an absolute local path at {where} "
-                                    f"({value!r}); refusing to push it")
+    for name in (CONFIG_FILE, PREPROCESS_FILE):
+        if name not in payload:
+            continue
+        for where, value in _strings(json.loads(payload[name])):
+            if _ABS_PATH.match(value):
+                raise UnsafeUploadError(f"{name} has an absolute local path at {where} "
+                                        f"({value!r}); refusing to push it")
 
 
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tlreg.errors import TlregError, UsageError
 from tlreg.preprocess import MODEL_FILE, PREPROCESS_FILE, Preprocess, deploy_config
+from tlreg.sharing.card import base_model, deploy_card
+from tlreg.sharing.format import CARD_FILE, clean_metrics
 from tlreg.sharing.save import write_folder_atomically, write_json
 
 if TYPE_CHECKING:
@@ -36,11 +38,13 @@ def export_onnx(model: TransferModel, out_dir: str | os.PathLike[str], *,
                 opset: int | None = None, dynamic_batch: bool | None = None,
                 fp16: bool | None = None,
                 check_images: Sequence[str | os.PathLike[str]] | None = None,
+                metrics: Mapping[str, Any] | None = None, dataset: str | None = None,
                 **_: Any) -> Path:
-    """`onnx`: OUT/model.onnx and OUT/preprocess.json (the same fields in the ONNX metadata).
+    """`onnx`: OUT/model.onnx, OUT/preprocess.json (the same fields in the ONNX metadata) and
+    the model card OUT/README.md (with the run's metrics and dataset, for `tlreg push`).
 
     `check_images` are image files for the check after writing (a few synthetic images when
-    none are given). Run context (metrics, dataset) is ignored.
+    none are given).
     """
     opset = DEFAULT_OPSET if opset is None else opset
     dynamic_batch = True if dynamic_batch is None else bool(dynamic_batch)
@@ -63,6 +67,10 @@ def export_onnx(model: TransferModel, out_dir: str | os.PathLike[str], *,
         dynamic_batch=dynamic_batch, dtype="float16" if fp16 else "float32",
         input_name=INPUT_NAME, output_name=OUTPUT_NAME, tlreg_version=__version__)
     images = _check_batch(preprocess, check_images)
+    card = deploy_card("onnx", labels=labels, architecture=info.timm_name,
+                       backbone=info.backbone, head=info.head, base_model=base_model(info),
+                       problem_type=info.problem_type, thresholds=config.get("thresholds"),
+                       metrics=clean_metrics(metrics or {}), dataset=dataset)
 
     def write(tmp: Path) -> None:
         path = tmp / MODEL_FILE
@@ -70,6 +78,7 @@ def export_onnx(model: TransferModel, out_dir: str | os.PathLike[str], *,
         _add_metadata(path, config)
         write_json(tmp / PREPROCESS_FILE, config)
         check(model, path, images, dynamic_batch, fp16, opset)
+        (tmp / CARD_FILE).write_text(card, encoding="utf-8")
 
     out_dir = Path(out_dir)
     write_folder_atomically(out_dir, write)
