@@ -28,8 +28,15 @@ class FeatureFeed:
                  x_val: torch.Tensor, y_val: torch.Tensor, *, global_batch: int,
                  label_smoothing: float, balanced: bool = False) -> None:
         self.head, self.global_batch, self.smoothing = head, global_batch, label_smoothing
-        self.balanced = balanced  # --sampler balanced: draws weighted by 1 / class size
         self.x_train, self.y_train, self.x_val, self.y_val = x_train, y_train, x_val, y_val
+        # --sampler balanced: draws weighted by 1 / class size, computed once for every epoch
+        self.weights = None
+        if balanced and len(y_train):
+            import torch
+
+            labels = y_train.cpu().tolist()
+            self.weights = torch.tensor(
+                objective.balanced_sample_weights(labels, max(labels) + 1), dtype=torch.float64)
 
     def forward(self, epoch: int) -> Callable[[torch.Tensor], torch.Tensor]:
         return self.head
@@ -42,10 +49,8 @@ class FeatureFeed:
 
         gen = torch.Generator().manual_seed(seed)
         n = len(self.x_train)
-        if self.balanced:
-            y = self.y_train.cpu()
-            weights = (1.0 / torch.bincount(y).double())[y]
-            order = torch.multinomial(weights, n, replacement=True, generator=gen)
+        if self.weights is not None:
+            order = torch.multinomial(self.weights, n, replacement=True, generator=gen)
         else:
             order = torch.randperm(n, generator=gen)
         order = order.to(self.x_train.device)

@@ -54,6 +54,7 @@ class Inputs:
         self.decoded_val: DecodedImages | None = None
         self._extract: torch.nn.Module | None = None  # the feature pass's folded backbone
         self._said_off = False  # an explicit --decoded-cache that cannot apply, said once
+        self._labels_of: dict[tuple[int, int, bool], tuple[torch.Tensor, list[float] | None]] = {}
 
     def note_skipped(self, paths: list[str]) -> None:
         for path in paths:
@@ -130,6 +131,22 @@ class Inputs:
 
     # -- image passes ------------------------------------------------------------------------
 
+    def _labels(self, samples: Sequence[Sample], *, balanced: bool
+                ) -> tuple[torch.Tensor, list[float] | None]:
+        """The samples' labels as a tensor and, for `--sampler balanced`, their draw weights:
+        computed on a split's first pass and reused by every later epoch."""
+        import torch
+
+        from tlreg.engine.objective import balanced_sample_weights
+
+        # Keyed by the split's identity: the run's train and val lists live as long as it does.
+        key = (id(samples), len(samples), balanced)
+        if key not in self._labels_of:
+            ints = [s.label for s in samples]
+            weights = balanced_sample_weights(ints, max(ints) + 1) if balanced and ints else None
+            self._labels_of[key] = (torch.tensor(ints), weights)
+        return self._labels_of[key]
+
     def batches(self, samples: Sequence[Sample], *, train: bool, seed: int,
                 epoch: int = 0) -> tuple[int, Batches]:
         """(number of batches, iterator of CPU (images, labels, sample indices)) for one pass.
@@ -144,19 +161,13 @@ class Inputs:
         from tlreg.data.images import make_loader
 
         cfg = self.config
-        weights = None
-        if train and cfg.sampler == "balanced":
-            from tlreg.engine.objective import balanced_sample_weights
-
-            labels = [s.label for s in samples]
-            weights = balanced_sample_weights(labels, max(labels) + 1) if labels else None
+        labels, weights = self._labels(samples, balanced=train and cfg.sampler == "balanced")
         sampler = sharding.sampler(len(samples), shuffle=train, seed=seed, epoch=epoch,
                                    weights=weights)
         decoded = self.decoded_train if train else self.decoded_val
         if decoded is not None:
             order = [i for i in sampler if decoded.images[i] is not None]
             transform = self.train_batch_tf if train else self.eval_batch_tf
-            labels = torch.tensor([s.label for s in samples])
 
             def from_cache() -> Batches:
                 for i in range(0, len(order), cfg.batch_size):

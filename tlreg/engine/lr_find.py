@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -94,24 +93,20 @@ def suggest(lrs: Sequence[float], losses: Sequence[float]) -> dict[str, float | 
 @contextlib.contextmanager
 def restored(module: torch.nn.Module, optimizer: Any) -> Iterator[None]:
     """Put `module`'s tensors, `optimizer`'s state and every RNG back as they were."""
-    import numpy as np
     import torch
+
+    from tlreg.runs.checkpoint import capture_rng, restore_rng
 
     tensors = {k: v.detach().clone() for k, v in module.state_dict().items()}
     opt = copy.deepcopy(optimizer.state_dict())
-    rng = (torch.get_rng_state(), random.getstate(), np.random.get_state(),
-           torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    rng = capture_rng()
     try:
         yield
     finally:
         with torch.no_grad():
             module.load_state_dict(tensors)
         optimizer.load_state_dict(opt)
-        torch.set_rng_state(rng[0])
-        random.setstate(rng[1])
-        np.random.set_state(rng[2])
-        if rng[3] is not None:
-            torch.cuda.set_rng_state_all(rng[3])
+        restore_rng(rng)
 
 
 def sweep(feed: Feed, optimizer: Any, module: torch.nn.Module, *, seed: int,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tlreg._io import (
     MODEL_JSON,
@@ -95,21 +95,54 @@ def load_run_model(run_dir: Path, checkpoint: str = "best") -> TransferModel:
 # -- the training state of `checkpoints/last`: what --resume restores bitwise ----------------
 
 
-def save_train_state(path: Path, model_tensors: Mapping[str, Tensor], frozen: Path | None,
-                     optimizer: Any, scheduler: Any, state: Mapping[str, Any],
-                     extra_tensors: Mapping[str, Tensor] | None = None) -> None:
-    """A `last` checkpoint: model, optimizer (tensors apart), scheduler, every RNG, `state`;
-    `extra_tensors` (e.g. --ema's average) come back as `state["extra_tensors"]`."""
+class RngState(NamedTuple):
+    """Every random generator a run draws from, as their own get-state functions give it."""
+
+    torch: Tensor
+    cuda: Tensor | None  # the current CUDA device's, when there is one
+    python: tuple[Any, ...]
+    numpy: tuple[Any, ...]
+
+
+def capture_rng() -> RngState:
+    """The state of torch's (CPU and current CUDA device), Python's and NumPy's generators."""
     import random
 
     import numpy as np
     import torch
 
+    return RngState(torch.get_rng_state(),
+                    torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+                    random.getstate(), np.random.get_state())
+
+
+def restore_rng(rng: RngState) -> None:
+    """Put every generator back as `capture_rng` (or a checkpoint) found it."""
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(rng.torch)
+    if rng.cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng.cuda)
+    random.setstate(rng.python)
+    np.random.set_state(rng.numpy)
+
+
+def save_train_state(path: Path, model_tensors: Mapping[str, Tensor], frozen: Path | None,
+                     optimizer: Any, scheduler: Any, state: Mapping[str, Any],
+                     extra_tensors: Mapping[str, Tensor] | None = None) -> None:
+    """A `last` checkpoint: model, optimizer (tensors apart), scheduler, every RNG, `state`;
+    `extra_tensors` (e.g. --ema's average) come back as `state["extra_tensors"]`."""
+    import torch
+
     opt = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
+    rng = capture_rng()
+    tensors: dict[str, torch.Tensor] = {"rng.torch": rng.torch}
     tensors |= {f"extra.{k}": v for k, v in (extra_tensors or {}).items()}
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    if rng.cuda is not None:
+        tensors["rng.cuda"] = rng.cuda
     opt_state: dict[str, dict[str, Any]] = {}
     for pid, st in opt["state"].items():
         opt_state[str(pid)] = {}
@@ -118,13 +151,12 @@ def save_train_state(path: Path, model_tensors: Mapping[str, Tensor], frozen: Pa
                 tensors[f"optim.{pid}.{k}"] = v
             else:
                 opt_state[str(pid)][k] = v
-    np_state = np.random.get_state()
     full = {
         **dict(state),
         "optimizer": {"param_groups": opt["param_groups"], "state": opt_state},
         "scheduler": scheduler.state_dict(),
-        "rng": {"python": random.getstate(),
-                "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
+        "rng": {"python": rng.python,  # JSON: tuples become lists, the uint32 key a list
+                "numpy": [rng.numpy[0], rng.numpy[1].tolist(), *rng.numpy[2:]]},
     }
     save_checkpoint(path, model_tensors, full, train_state=tensors, frozen=frozen)
 
@@ -132,10 +164,7 @@ def save_train_state(path: Path, model_tensors: Mapping[str, Tensor], frozen: Pa
 def load_train_state(path: Path, model: Any, optimizer: Any, scheduler: Any,
                      device: Any, run_dir: Path) -> dict[str, Any]:
     """Restore what `save_train_state` wrote into the live objects; returns its JSON state."""
-    import random
-
     import numpy as np
-    import torch
 
     if checkpoint_dir(path) is None:
         raise UsageError(f"cannot resume {run_dir}: no completed epoch was saved; "
@@ -155,12 +184,9 @@ def load_train_state(path: Path, model: Any, optimizer: Any, scheduler: Any,
     optimizer.load_state_dict({"state": opt_state,
                                "param_groups": state["optimizer"]["param_groups"]})
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    py = state["rng"]["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    npst = state["rng"]["numpy"]
-    np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
+    py, npst = state["rng"]["python"], state["rng"]["numpy"]
+    restore_rng(RngState(tensors["rng.torch"], tensors.get("rng.cuda"),
+                         (py[0], tuple(py[1]), py[2]),
+                         (npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:])))
     return {**state, "extra_tensors": {k[6:]: v.to(device) for k, v in tensors.items()
                                        if k.startswith("extra.")}}
