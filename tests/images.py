@@ -32,6 +32,17 @@ def colour_folder(root: Path, classes: tuple[str, ...] = ("red", "blue"), per_cl
     return root
 
 
+def photo_files(root: Path, per_class: int, size: int) -> list[str]:
+    """`per_class` ant and bee photos (downscaled) where the shared data is, else synthetic
+    colour images: a few real image files for export and prediction tests."""
+    if HYMENOPTERA.is_dir():
+        hymenoptera_subset(root, per_class=per_class, val_per_class=0, size=size)
+    else:
+        colour_folder(root, ("red", "blue"), per_class=per_class, val_per_class=0,
+                      size=max(8, size // 2))
+    return sorted(str(p) for p in root.rglob("*") if p.is_file())
+
+
 def hymenoptera_subset(root: Path, per_class: int = 8, val_per_class: int = 4,
                        size: int = 64) -> Path:
     """A few real ant and bee photos, downscaled so tiny models train in seconds."""

@@ -19,7 +19,7 @@ import test_artifact
 import torch
 from hub_server import TEST_TOKEN, TEST_USER, LocalHub
 from huggingface_hub import ModelCard, snapshot_download
-from images import colour_folder, hymenoptera_subset
+from images import photo_files
 from test_artifact import BACKBONE, make_run, nudge_head
 from test_hub import run_cli
 
@@ -29,18 +29,12 @@ from tlreg.sharing.hub import PUSHED_FILES, publishable
 
 hub = test_artifact.hub  # a LocalHub as the Hub for the test (endpoint and token)
 REPO = f"{TEST_USER}/ants-vs-bees-deploy"
-HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera_data"
 
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """Four real photos where available (synthetic colours otherwise), of several sizes."""
-    root = tmp_path_factory.mktemp("photos")
-    if HYMENOPTERA.is_dir():
-        hymenoptera_subset(root, per_class=2, val_per_class=0, size=96)
-    else:
-        colour_folder(root, ("red", "blue"), per_class=2, val_per_class=0, size=48)
-    return sorted(str(p) for p in root.rglob("*") if p.is_file())
+    return photo_files(tmp_path_factory.mktemp("photos"), per_class=2, size=96)
 
 
 def _run(tmp_path: Path, head: str = "linear") -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from images import HYMENOPTERA, colour_folder, hymenoptera_subset
+from images import HYMENOPTERA, photo_files
 from PIL import Image
 from test_artifact import make_run, nudge_head
 
@@ -39,11 +39,7 @@ PREPROCESS_TOLERANCE = 1e-6
 def photos(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """Seven images of several sizes and aspect ratios: real photos where available."""
     root = tmp_path_factory.mktemp("photos")
-    if HYMENOPTERA.is_dir():
-        hymenoptera_subset(root, per_class=4, val_per_class=0, size=64)
-    else:
-        colour_folder(root, ("red", "blue"), per_class=4, val_per_class=0, size=40)
-    files = sorted(str(p) for p in root.rglob("*") if p.is_file())[:6]
+    files = photo_files(root, per_class=4, size=64)[:6]
     tall = root / "tall.png"  # a portrait image: the other side is the short one
     Image.open(files[0]).convert("RGB").resize((50, 90)).save(tall)
     return [*files, str(tall)]
