@@ -273,6 +273,18 @@ def test_eval_and_predict_cli(colours: Path, tmp_path: Path) -> None:
     assert report["images"] == 12 and report["accuracy"] > 0.9
     assert sum(map(sum, report["confusion_matrix"])) == 12
     assert set(report["per_class"]) == {"blue", "red"}
+    # ECE from predict's own probabilities of the same images, by the calibration module.
+    code, out, err = _cli(["predict", str(run), str(colours / "val"), "--top-k", "2", "--json"])
+    assert code == 0, err
+    from tlreg.engine.calibration import expected_calibration_error
+
+    rows = json.loads(out)
+    probs = torch.tensor([[next(p["probability"] for p in r["predictions"] if p["label"] == c)
+                           for c in ("blue", "red")] for r in rows])
+    truth = torch.tensor([0 if "/blue/" in r["file"] else 1 for r in rows])
+    assert report["ece"] == pytest.approx(expected_calibration_error(probs, truth), abs=1e-6)
+    code, out, _ = _cli(["eval", str(run), str(colours / "val")])
+    assert f"ECE {report['ece']:.4f} on 12 images" in out
     code, out, err = _cli(["predict", str(run), str(colours / "val" / "red"), "--top-k", "2",
                            "--json", "--csv", str(tmp_path / "p.csv")])
     assert code == 0, err

@@ -190,14 +190,18 @@ def multi_label_thresholds(model: TransferModel) -> list[float] | None:
 def evaluate(model: TransferModel, data: str, *, batch_size: int = 32, device: str = "cpu",
              source_args: Mapping[str, Any] | None = None,
              tta: str = "none") -> dict[str, Any]:
-    """Accuracy, per-class precision / recall and the confusion matrix.
+    """Accuracy, per-class precision / recall, the confusion matrix and (one label per image)
+    the expected calibration error `ece` of the softmax probabilities.
 
     `data` is a folder of `<class>/` folders (every image is scored), or any other source
     (a table with a split column, `hf:...`): its validation split is scored. `tta` scores
     the mean logits of several views of each image (`tlreg.data.tta`); the report names it.
     """
+    import torch
+
     from tlreg.data.folder import scan_folder
     from tlreg.data.sources import FOLDER, Sample, label_classes, multi_hot, open_source, resolve
+    from tlreg.engine.calibration import expected_calibration_error
     from tlreg.metrics import classification_report, multilabel_report
     from tlreg.onnx_predict import OnnxModel
 
@@ -232,6 +236,10 @@ def evaluate(model: TransferModel, data: str, *, batch_size: int = 32, device: s
         report = multilabel_report(labels, logits.sigmoid().tolist(), classes, thresholds)
     else:
         report = classification_report(labels, logits.argmax(1).tolist(), classes)
+        # How far the softmax confidences are from the accuracy they come with (Guo et al.'s
+        # top-label ECE, 15 bins); None with no image scored.
+        report["ece"] = expected_calibration_error(
+            logits.float().softmax(1), torch.tensor(labels)) if labels else None
     report["skipped"] = [samples[i].path for i in sorted(bad)]
     report["tta"] = tta
     return report

@@ -452,7 +452,7 @@ def evaluate(
     source_arg: SourceArg = None,
     tta: Tta = "none",
 ) -> None:
-    """Accuracy, per-class precision / recall and the confusion matrix."""
+    """Accuracy, expected calibration error, per-class precision / recall, confusion matrix."""
     from tlreg.predict import evaluate as run_eval
     from tlreg.predict import load_model
 
@@ -476,7 +476,8 @@ def evaluate(
               m["support"]) for c, m in report["per_class"].items()],
         )
         return
-    typer.echo(f"accuracy {report['accuracy']:.4f} on {report['images']} images{with_tta}")
+    ece = "" if report.get("ece") is None else f", ECE {report['ece']:.4f}"
+    typer.echo(f"accuracy {report['accuracy']:.4f}{ece} on {report['images']} images{with_tta}")
     print_table(
         ["class", "precision", "recall", "support"],
         [
