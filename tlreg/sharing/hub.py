@@ -11,6 +11,7 @@ What is pushed (a model, a run, a folder) is decided above, in `tlreg.sharing.ap
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -93,12 +94,10 @@ def publishable(folder: Path) -> tuple[list[str], str]:
     """The files to push from `folder` and a commit message; refuses what it cannot verify.
 
     A tlreg artifact is checked against its own checksums; a `timm` export must open as
-    safetensors with a timm config; an `onnx` export must pass onnx's checker with a valid
-    preprocess.json. Anything else, or a pickle anywhere, is an error: never publish a corrupt
-    or unsafe folder.
+    safetensors with a timm config; an `onnx` export must load in onnxruntime with a valid
+    preprocess.json (or metadata). Anything else, or a pickle anywhere, is an error: never
+    publish a corrupt or unsafe folder.
     """
-    import json
-
     if not folder.is_dir():
         raise ArtifactError(f"{folder} is not a folder")
     check_no_pickles([p.name for p in folder.iterdir()], str(folder))
@@ -109,7 +108,7 @@ def publishable(folder: Path) -> tuple[list[str], str]:
                 f"Upload ONNX model ({cfg.get('backbone')}, {cfg.get('head')} head, "
                 f"{len(cfg['label_names'])} classes)")
     if (folder / TIMM_WEIGHTS).is_file():
-        cfg = _check_timm_folder(folder, json)
+        cfg = _check_timm_folder(folder)
         return ([n for n in (CONFIG_FILE, TIMM_WEIGHTS, CARD_FILE) if n in present],
                 f"Upload timm model ({cfg['architecture']}, {cfg['num_classes']} classes)")
     config = read_config(folder)
@@ -119,7 +118,7 @@ def publishable(folder: Path) -> tuple[list[str], str]:
             f"{config['head']['name']} head, {config['num_classes']} classes)")
 
 
-def _check_timm_folder(folder: Path, json: Any) -> dict[str, Any]:
+def _check_timm_folder(folder: Path) -> dict[str, Any]:
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -158,8 +157,6 @@ _ABS_PATH = re.compile(r"^(/|~|[A-Za-z]:[\\/]|\\\\)")
 
 def check_publishable(payload: Mapping[str, bytes], folder: Path, token: str | None) -> None:
     """Refuse to upload tokens or absolute local paths (lesson: never push local state)."""
-    import json
-
     from huggingface_hub import get_token
 
     secrets = [t.encode() for t in (token, safe_get_token(get_token)) if t]
