@@ -93,6 +93,11 @@ class OnnxModel:
             return None
         return [float(t) for t in self.config["thresholds"]]
 
+    @property
+    def temperature(self) -> float | None:
+        """One label per image: the temperature fitted on val (softmax(logits / T)), or None."""
+        return self.config.get("temperature") if self.thresholds is None else None
+
     def run(self, x: np.ndarray) -> np.ndarray:
         """Logits (float32) for a preprocessed (N, C, H, W) batch."""
         import numpy as np

@@ -28,6 +28,34 @@ FORMAT_VERSION = 1
 SINGLE_LABEL = "single_label_classification"  # the names of tlreg.engine.objective
 MULTI_LABEL = "multi_label_classification"
 
+#: The range a fitted temperature may have (tlreg.engine.calibration clamps its fits to it).
+T_MIN, T_MAX = 0.05, 20.0
+
+
+def check_temperature(value: Any, where: str,
+                      error: type[Exception] = UsageError) -> float | None:
+    """A stored temperature (None: not calibrated), or `error` naming `where` when it is not a
+    number in [T_MIN, T_MAX]: a damaged or hostile file must not flip or flatten predictions."""
+    if value is None:
+        return None
+    if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+            or not T_MIN <= value <= T_MAX):
+        raise error(f"{where} must be a number in [{T_MIN}, {T_MAX}], got {value!r}")
+    return float(value)
+
+
+def softmax(logits: np.ndarray, temperature: float | None = None) -> np.ndarray:
+    """Softmax over the last axis of float32 logits (divided by `temperature` first), as torch
+    computes it."""
+    import numpy as np
+
+    x = np.asarray(logits, dtype=np.float32)
+    if temperature is not None:
+        x = x / np.float32(temperature)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
 #: timm's interpolation names -> Pillow's resampling filters (what torchvision uses for PIL).
 INTERPOLATIONS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4,
                   "hamming": 5}
@@ -147,13 +175,16 @@ def _crop_or_pad(img: Image.Image, size: tuple[int, int], fill: Any) -> Image.Im
 
 
 def deploy_config(preprocess: Preprocess, labels: Sequence[str], problem_type: str,
-                  thresholds: Sequence[float] | None, **extra: Any) -> dict[str, Any]:
+                  thresholds: Sequence[float] | None, temperature: float | None = None,
+                  **extra: Any) -> dict[str, Any]:
     """preprocess.json: the transform, the labels and what the outputs mean (+ `extra`)."""
     cfg: dict[str, Any] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
                            **preprocess.to_json(), "label_names": list(labels),
                            "problem_type": problem_type}
     if problem_type == MULTI_LABEL:
         cfg["thresholds"] = [float(t) for t in thresholds or [0.5] * len(labels)]
+    elif temperature is not None:  # softmax(logits / T): calibrated probabilities
+        cfg["temperature"] = float(temperature)
     return cfg | extra
 
 
@@ -175,4 +206,5 @@ def check_deploy_config(cfg: Any, where: str) -> dict[str, Any]:
         t = cfg.get("thresholds")
         if not isinstance(t, list) or len(t) != len(labels):
             raise UsageError(f"{where}: a multi-label model needs one threshold per label")
+    check_temperature(cfg.get("temperature"), f"{where}: temperature")
     return cfg

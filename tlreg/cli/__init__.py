@@ -30,7 +30,7 @@ app = typer.Typer(
 )
 
 # Each module defines `register(app)`; one per area so a newcomer finds a command by its name.
-_COMMAND_MODULES = ("registry", "train", "optim", "hub", "demo")
+_COMMAND_MODULES = ("registry", "train", "predict", "optim", "hub", "audit", "report", "demo")
 
 _state = {"debug": False}
 

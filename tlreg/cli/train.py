@@ -1,4 +1,4 @@
-"""CLI commands: `train`, `eval`, `predict`, `cache`."""
+"""CLI commands: `train`, `lr-find`, `cache`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import typer
 
 from tlreg.cli._output import print_json, print_table
 from tlreg.data.augment import AUGMENTS
-from tlreg.data.tta import TTA, get_tta
+from tlreg.data.tta import TTA
 from tlreg.engine.callbacks import MONITORS
 from tlreg.engine.loggers import LOGGERS
 from tlreg.engine.schedulers import SCHEDULERS
@@ -24,8 +24,6 @@ cache_app = typer.Typer(help="Inspect or clear the feature and decoded-image cac
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
     app.command("lr-find")(_with_json(lr_find))
-    app.command("eval")(evaluate)
-    app.command("predict")(predict)
     app.add_typer(cache_app, name="cache")
 
 
@@ -286,6 +284,10 @@ def train(
         None, "--early-stopping", metavar="PATIENCE",
         help="Stop when --monitor has not improved for PATIENCE epochs.",
     ),
+    calibrate: bool | None = typer.Option(
+        None, "--calibrate/--no-calibrate", help="Fit a temperature on val for the best "
+        "epoch's probabilities (default on; one label per image)."
+    ),
     monitor: str | None = typer.Option(
         None, "--monitor", help=f"What picks the best epoch (the one exported) and early "
         f"stopping watches: {', '.join(MONITORS)} (default val_accuracy).",
@@ -302,6 +304,9 @@ def train(
     log: list[str] | None = typer.Option(
         None, "--log", metavar="NAME",
         help=LOG_HELP,
+    ),
+    report: bool = typer.Option(
+        True, "--report/--no-report", help="Write RUN/report.html at the end (tlreg report)."
     ),
 ) -> None:
     """Train a head (and, by policy, the backbone) on an image folder."""
@@ -333,6 +338,20 @@ def train(
         f"{s['skipped_files']} files skipped -> {result.run_dir}"
         + (f" (stopped early: {s['stop_reason']})" if s.get("stopped_early") else "")
     )
+    if report:
+        _write_report(result.run_dir)
+
+
+def _write_report(run_dir: Path) -> None:
+    """RUN/report.html (tlreg.runs.report). The run's files are all saved by now: a page that
+    cannot be drawn says why and leaves the exit status alone (`tlreg report RUN` redraws it)."""
+    from tlreg.runs.report import write_report
+
+    try:
+        typer.echo(f"report: {write_report(run_dir)}")
+    except Exception as exc:  # one page's plotting or decoding, not the run
+        typer.echo(f"note: report.html not written ({type(exc).__name__}: {exc}); "
+                   f"`tlreg report {run_dir}` tries again", err=True)
 
 
 def _options(values: dict[str, Any]) -> dict[str, Any]:
@@ -341,7 +360,7 @@ def _options(values: dict[str, Any]) -> dict[str, Any]:
         k: v
         for k, v in values.items()
         if v is not None
-        and k not in {"ctx", "config", "resume", "head_arg", "policy_arg", "devices",
+        and k not in {"ctx", "config", "resume", "report", "head_arg", "policy_arg", "devices",
                       "callback", "callback_arg", "source_arg", "log", "no_augment",
                       *SOURCE_OPTIONS}
     }
@@ -432,151 +451,6 @@ def _command_line(ctx: Any, skip: str) -> list[str]:
         else:
             opts += [param.opts[0], str(value)]
     return [*opts, "--", *args] if args else opts
-
-
-def evaluate(
-    source: str = typer.Argument(..., help="Run directory, artifact folder or Hub id."),
-    data: str = typer.Argument(..., help="Folder of <class>/ image folders, or a source whose "
-                               "val split to score (a table with a split column, hf:...)."),
-    checkpoint: str = typer.Option("best", "--checkpoint", help="best or last (run directories)."),
-    batch_size: int = typer.Option(32, "--batch-size"),
-    device: str = typer.Option("cpu", "--device"),
-    as_json: bool = typer.Option(False, "--json"),
-    path_column: PathColumn = None,
-    label_column: LabelColumn = None,
-    split_column: SplitColumn = None,
-    image_column: ImageColumn = None,
-    root: Root = None,
-    label_delimiter: LabelDelimiter = None,
-    multi_label: MultiLabel = None,
-    source_arg: SourceArg = None,
-    tta: Tta = "none",
-) -> None:
-    """Accuracy, expected calibration error, per-class precision / recall, confusion matrix."""
-    from tlreg.predict import evaluate as run_eval
-    from tlreg.predict import load_model
-
-    get_tta(tta)  # before the model loads
-    report = run_eval(
-        load_model(source, checkpoint=checkpoint), data, batch_size=batch_size, device=device,
-        source_args=source_args(locals(), source_arg), tta=tta,
-    )
-    with_tta = "" if tta == "none" else f" (TTA {tta})"
-    if as_json:
-        print_json(report)
-        return
-    if "map" in report:  # multi-label
-        typer.echo(f"mAP {report['map']:.4f}, F1 micro {report['micro_f1']:.4f} / macro "
-                   f"{report['macro_f1']:.4f}, exact match {report['accuracy']:.4f} on "
-                   f"{report['images']} images{with_tta}")
-        print_table(
-            ["class", "precision", "recall", "AP", "threshold", "support"],
-            [(c, f"{m['precision']:.3f}", f"{m['recall']:.3f}",
-              "-" if m["ap"] is None else f"{m['ap']:.3f}", f"{m['threshold']:.3f}",
-              m["support"]) for c, m in report["per_class"].items()],
-        )
-        return
-    ece = "" if report.get("ece") is None else f", ECE {report['ece']:.4f}"
-    typer.echo(f"accuracy {report['accuracy']:.4f}{ece} on {report['images']} images{with_tta}")
-    print_table(
-        ["class", "precision", "recall", "support"],
-        [
-            (c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", m["support"])
-            for c, m in report["per_class"].items()
-        ],
-    )
-    classes = report["classes"]
-    print_table(
-        ["true \\ predicted", *classes],
-        [(c, *row) for c, row in zip(classes, report["confusion_matrix"], strict=True)],
-        title="confusion matrix",
-    )
-
-
-def predict(
-    source: str = typer.Argument(..., help="Run directory, artifact folder, Hub id, or a "
-                                 "model.onnx (or its folder): onnxruntime, no torch."),
-    inputs: list[str] = typer.Argument(
-        ..., help="Image files, folders, or tables (.csv, .tsv, .parquet) listing files."
-    ),
-    top_k: int = typer.Option(1, "--top-k", "-k"),
-    checkpoint: str = typer.Option("best", "--checkpoint"),
-    batch_size: int = typer.Option(32, "--batch-size"),
-    device: str = typer.Option("cpu", "--device"),
-    revision: str | None = typer.Option(None, "--revision"),
-    token: str | None = typer.Option(None, "--token", help="Hub token (never stored)."),
-    allow_backbone_mismatch: bool = typer.Option(False, "--allow-backbone-mismatch"),
-    as_json: bool = typer.Option(False, "--json"),
-    csv: Path | None = typer.Option(None, "--csv", help="Also write the predictions as CSV."),
-    path_column: str = typer.Option(
-        "path", "--path-column", help="Column of image paths in a table input."
-    ),
-    tta: Tta = "none",
-) -> None:
-    """Top-k predictions for images, folders and tables of image paths."""
-    from tlreg.predict import load_model
-    from tlreg.predict import predict as run_predict
-
-    get_tta(tta)  # before the model loads
-    hub = {k: v for k, v in {"revision": revision, "token": token}.items() if v is not None}
-    if allow_backbone_mismatch:
-        hub["allow_backbone_mismatch"] = True
-    model = load_model(source, checkpoint=checkpoint, device=device, **hub)
-    results = run_predict(model, inputs, top_k=top_k, batch_size=batch_size, device=device,
-                          path_column=path_column, tta=tta)
-    if csv is not None:
-        _write_csv(csv, results, top_k)
-    if as_json:
-        print_json(results)
-        return
-    if any("labels" in r for r in results):  # multi-label: every label over its threshold
-        print_table(
-            ["file", "labels", f"top {top_k}", "probability"],
-            [(r["file"], "error: " + r["error"], "", "") if "error" in r else (
-                r["file"], ", ".join(r["labels"]) or "-",
-                ", ".join(p["label"] for p in r["predictions"]),
-                ", ".join(f"{p['probability']:.3f}" for p in r["predictions"]))
-             for r in results],
-        )
-        return
-    print_table(
-        ["file", "label", "probability"],
-        [
-            (
-                r["file"],
-                *(
-                    ("error: " + r["error"], "")
-                    if "error" in r
-                    else (
-                        ", ".join(p["label"] for p in r["predictions"]),
-                        ", ".join(f"{p['probability']:.3f}" for p in r["predictions"]),
-                    )
-                ),
-            )
-            for r in results
-        ],
-    )
-
-
-def _write_csv(path: Path, results: list[dict[str, Any]], top_k: int) -> None:
-    import csv as csv_mod
-    import io
-
-    from tlreg._io import atomic_write_text
-
-    buf = io.StringIO()
-    writer = csv_mod.writer(buf)
-    multi = any("labels" in r for r in results)  # and whether each label is over its threshold
-    writer.writerow(["file", "rank", "label", "probability", "error"] + (["selected"] * multi))
-    for r in results:
-        if "error" in r:
-            writer.writerow([r["file"], "", "", "", r["error"]] + ([""] * multi))
-            continue
-        for rank, p in enumerate(r["predictions"], 1):
-            selected = [int(p["label"] in r["labels"])] if multi else []
-            writer.writerow([r["file"], rank, p["label"], f"{p['probability']:.6f}", "",
-                             *selected])
-    atomic_write_text(path, buf.getvalue())
 
 
 @cache_app.command("ls")

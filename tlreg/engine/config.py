@@ -19,6 +19,7 @@ from tlreg.engine.callbacks import MONITORS
 from tlreg.engine.loggers import LOGGERS
 from tlreg.engine.schedulers import SCHEDULERS
 from tlreg.errors import UsageError
+from tlreg.models.backbones import resolve_best_of
 
 SOLVERS = ("auto", "cv", "sgd", "lbfgs")
 SAMPLERS = ("random", "balanced")
@@ -97,6 +98,7 @@ class TrainConfig:
     monitor: str | None = None  # None: val_accuracy (val_map for a multi-label data set)
     min_delta: float = 0.0  # an epoch is better only by more than this
     early_stopping: int | None = None  # patience in epochs; None: run every epoch
+    calibrate: bool = True  # fit a temperature on val for the best epoch's probabilities
     callbacks: list[str] = field(default_factory=list)  # tlreg.callbacks entry points
     callback_args: dict[str, Any] = field(default_factory=dict)  # name -> {arg: value}
     # Loggers beside RUN/log.csv (always written): tensorboard, mlflow (tlreg.engine.loggers)
@@ -109,6 +111,8 @@ class TrainConfig:
             object.__setattr__(self, "lr_find", True)
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _parse(f.name, getattr(self, f.name), f.type))
+        # best-of:RANK_DIR -> the name `tlreg rank` recommended: what the run records
+        object.__setattr__(self, "backbone", resolve_best_of(self.backbone))
         for name, (low, high, closed) in _RANGES.items():
             _in_range(name, getattr(self, name), low, high, closed)
         for name, value in settle_augment(self).items():  # the preset, and its checks

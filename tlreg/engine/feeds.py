@@ -71,7 +71,9 @@ class FeatureFeed:
             logits, y = self.head(self.x_val), self.y_val
             loss = (objective.loss(logits, y, self.smoothing).item() if len(y)
                     else float("nan"))
-            return loss, y.tolist(), objective.outputs(logits, y).tolist()
+            return objective.Evaluation(
+                loss, y.tolist(), objective.outputs(logits, y).tolist(),
+                None if objective.is_multi_label(y) else logits.float().cpu())
 
 
 class ImageFeed:

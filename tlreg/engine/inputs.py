@@ -199,11 +199,13 @@ class Inputs:
         model.eval()
         rows: list[torch.Tensor] = []  # (sample index, label(s), output(s))
         losses: list[torch.Tensor] = []
+        scores: list[torch.Tensor] = []  # the logits, kept for temperature scaling
         _, batches = self.batches(samples, train=False, seed=self.config.seed)
         with torch.inference_mode(), rt.autocast():
             for images, y_cpu, idx in batches:
                 y = y_cpu.to(rt.device)
                 logits = model(rt.to_device(images)).float()
+                scores.append(logits)
                 losses.append(objective.loss(logits, y, smoothing, reduction="none"))
                 out = objective.outputs(logits, y)
                 # One row per sample; multi-label rows are float (indices below 2**24 are exact).
@@ -213,16 +215,19 @@ class Inputs:
         table = torch.cat(rows) if rows else torch.empty(0, 3, dtype=torch.long,
                                                          device=rt.device)
         loss = torch.cat(losses) if losses else torch.empty(0, device=rt.device)
+        logits = (torch.cat(scores) if scores else
+                  torch.empty(0, model.info.num_classes, device=rt.device))
         # Under DDP each rank saw its padded shard: one row per sample index, from all ranks.
-        _, table, loss = sharding.gather_by_index(table[:, 0], table, loss)
+        _, table, loss, logits = sharding.gather_by_index(table[:, 0], table, loss, logits)
         if len(table) == 0:
             require_readable(samples, len(samples))
         width = (table.shape[1] - 1) // 2
         labels, outs = table[:, 1:1 + width], table[:, 1 + width:]
         mean = loss.sum().item() / max(1, len(loss))
         if not table.is_floating_point():  # single-label: one column each
-            return mean, labels[:, 0].tolist(), outs[:, 0].tolist()
-        return mean, labels.long().tolist(), outs.tolist()
+            return objective.Evaluation(mean, labels[:, 0].tolist(), outs[:, 0].tolist(),
+                                        logits.cpu())
+        return objective.Evaluation(mean, labels.long().tolist(), outs.tolist())
 
     # -- the frozen feature pass -------------------------------------------------------------
 

@@ -15,7 +15,7 @@ shape alone cannot tell them from 0/1 multi-label rows.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     import torch
@@ -24,9 +24,15 @@ SINGLE_LABEL = "single_label_classification"
 MULTI_LABEL = "multi_label_classification"
 PROBLEM_TYPES = (SINGLE_LABEL, MULTI_LABEL)
 
-#: An evaluation pass: (mean loss, labels, outputs); class indices and predicted classes, or for
-#: multi-label 0/1 rows and probability rows (`outputs`).
-Evaluation = tuple[float, list[Any], list[Any]]
+class Evaluation(NamedTuple):
+    """An evaluation pass: class indices and predicted classes, or for multi-label 0/1 rows and
+    probability rows (`outputs`); one label per image also keeps the raw (N, C) float logits
+    on the CPU, in sample order, which temperature scaling is fitted on."""
+
+    loss: float
+    labels: list[Any]
+    outputs: list[Any]
+    logits: torch.Tensor | None = None
 
 
 def is_multi_label(y: torch.Tensor) -> bool:

@@ -82,6 +82,10 @@ def write_summary(t: Trainer, data: DataSplit, wall: float, status: str) -> dict
         "feature_seconds": t.feature_seconds,
         "wall_seconds": wall,
     }
+    if t.best_calibration is not None:  # T and ECE before / after, on val (engine.calibration)
+        summary["calibration"] = t.best_calibration
+    if t.familiarity:
+        summary["familiarity"] = t.familiarity
     if data.multi_label:
         best = t.best_row()
         summary |= {"problem_type": t.model.info.problem_type,
@@ -136,6 +140,53 @@ def choices(t: Trainer) -> dict[str, Any]:
     return out
 
 
+
+def write_familiarity(t: Trainer) -> None:
+    """RUN/familiarity.safetensors: the bank of training features and the val scores that
+    `predict --reject-unfamiliar` takes p-values against. Only where the backbone stayed frozen
+    (the features are those the deployed model computes) and val has 2 images or more."""
+    from tlreg.engine import familiarity
+
+    feed = t._built_feed[0] if t._built_feed is not None else None
+    if not t.use_features or feed is None or len(feed.x_val) < 2 or len(feed.x_train) < 1:
+        t.familiarity = None
+        return
+    tensors = familiarity.build(feed.x_train, feed.y_train, feed.x_val, seed=t.config.seed)
+    t.familiarity = {"k": int(tensors["k"].item()), "bank_images": len(tensors["bank"]),
+                     "val_images": len(tensors["val_scores"])}
+    if distributed.is_main():
+        from tlreg.runs.checkpoint import FAMILIARITY_FILE
+
+        save_tensors(t.run_dir / FAMILIARITY_FILE, tensors)
+
+
+#: How many classes each row of val_predictions.json keeps, most probable first.
+TOP_CLASSES = 5
+
+
+def write_val_predictions(t: Trainer, epoch: int, weights: str, labels: list[int],
+                          logits: torch.Tensor) -> None:
+    """val_predictions.json: each val image of the best epoch, its label, the predicted class
+    and the top classes' probabilities (calibrated when a temperature was fitted).
+
+    What `tlreg report` shows the worst errors from, without loading the model again. Rows
+    follow the val split, less the images that could not be decoded; `file` is None for
+    images held in memory (an `hf` data set)."""
+    temperature = (t.best_calibration or {}).get("temperature")
+    probs = (logits.double() / (temperature or 1.0)).softmax(1)
+    top_p, top_i = probs.topk(min(TOP_CLASSES, probs.shape[1]), dim=1)
+    samples = [s for s in t.data.val if s.path not in t.inputs.skipped]
+    files = ([s.path if s.data is None else None for s in samples]
+             if len(samples) == len(labels) else [None] * len(labels))
+    rows = [{"file": f, "label": y, "predicted": int(i[0]), "probability": float(p[0]),
+             "label_probability": float(probs[n, y]),
+             "top": [[int(a), round(float(b), 6)] for a, b in zip(i, p, strict=True)]}
+            for n, (f, y, p, i) in enumerate(zip(files, labels, top_p, top_i, strict=True))]
+    atomic_write_json(t.run_dir / "val_predictions.json", {
+        "epoch": epoch + 1, "weights": weights, "classes": list(t.data.classes),
+        "temperature": temperature, "rows": rows})
+
+
 def save_last(t: Trainer, epoch: int) -> None:
     """checkpoints/last: model, optimizer, scheduler, RNGs, history and callback states."""
     from tlreg.runs.checkpoint import save_train_state
@@ -153,6 +204,7 @@ def save_last(t: Trainer, epoch: int) -> None:
                          "stop_reason": t.stop_reason,
                          "best_from": t.best_from,
                          "ema_updates": t.ema.updates if t.ema else None,
+                         "best_calibration": t.best_calibration,
                          **({"thresholds": t.thresholds, "best_thresholds": t.best_thresholds}
                             if t.thresholds else {})})
 
@@ -193,6 +245,7 @@ def load_last(t: Trainer) -> None:
     if t.ema is not None:
         t.ema.load_tensors(state["extra_tensors"], state.get("ema_updates") or 0)
     t.best_thresholds = state.get("best_thresholds")
+    t.best_calibration = state.get("best_calibration")
     if state.get("thresholds"):
         t._set_thresholds(state["thresholds"])
     if t.start_epoch >= t.config.epochs or t.stop_reason:

@@ -147,6 +147,8 @@ class Trainer:
         self.augment: Augment | None = None  # the training augmentation the probe measured
         self.probe_xy: tuple[torch.Tensor, torch.Tensor] | None = None
         self.best_thresholds: list[float] | None = None  # multi-label: the best epoch's
+        self.best_calibration: dict[str, Any] | None = None  # the best epoch's T, fitted on val
+        self.familiarity: dict[str, Any] | None = None  # the feature bank's size (frozen runs)
         self.class_weight: torch.Tensor | None = None  # --class-weights, on the device
         self.ema: EMA | None = None  # --ema: the average of what trains
         self.best_from = "model"  # whose weights checkpoints/best holds: model or ema
@@ -387,6 +389,8 @@ class Trainer:
             self.callbacks.call("on_exception", self, exc)
             raise
         wall = time.perf_counter() - started + self._previous_wall
+        if status == "completed":
+            record.write_familiarity(self)
         summary = record.write_summary(self, data, wall, status)
         if status == "interrupted":
             self.callbacks.call("on_exception", self, interrupt)
@@ -485,14 +489,14 @@ class Trainer:
                     require_readable(self.data.train, len(self.data.train))
                 if fitter.steps_scheduler and self.interval == "epoch":
                     self.scheduler.step()
-                val_loss, labels, preds = fitter.evaluate()
+                evaluation = fitter.evaluate()
                 averaged = None
                 if self.ema is not None:
                     with self.ema.swapped():
                         averaged = fitter.evaluate()
                 compiling = (compile_seconds() - compiled_before) if timing else None
-                self._end_epoch(epoch, stats.loss, stats.accuracy, val_loss, labels, preds,
-                                stats.images, time.perf_counter() - t + stats.extra_seconds,
+                self._end_epoch(epoch, stats.loss, stats.accuracy, evaluation, stats.images,
+                                time.perf_counter() - t + stats.extra_seconds,
                                 compiling, averaged)
                 if self.stop_reason is not None:
                     break
@@ -515,13 +519,14 @@ class Trainer:
         scores = {"val_loss": loss, "val_accuracy": report["accuracy"], **scores}
         return report, {prefix + k: v for k, v in scores.items()}, thresholds
 
-    def _end_epoch(self, epoch: int, train_loss: float, train_acc: float, val_loss: float,
-                   labels: list[Any], preds: list[Any], images: int, seconds: float,
+    def _end_epoch(self, epoch: int, train_loss: float, train_acc: float,
+                   evaluation: Evaluation, images: int, seconds: float,
                    compiling: float | None = None, averaged: Evaluation | None = None) -> None:
         from tlreg._io import save_checkpoint
         from tlreg.engine.optim import layer_lrs
         from tlreg.metrics import multilabel_report
 
+        val_loss, labels, preds, logits = evaluation
         self.inputs.gather_skipped()
         classes = self.data.classes
         multi = self.data.multi_label
@@ -537,11 +542,12 @@ class Trainer:
         name = self.monitor.name
         score, source = row[name], "model"
         if averaged is not None:  # --ema: the average competes for best on the same metric
-            ema_report, ema_scores, ema_thresholds = self._score(*averaged, prefix="ema_")
+            ema_report, ema_scores, ema_thresholds = self._score(*averaged[:3], prefix="ema_")
             row |= ema_scores
             if self.monitor.improves(row.get("ema_" + name), score):
                 score, source = row["ema_" + name], "ema"
-                report, labels, preds, thresholds = ema_report, *averaged[1:], ema_thresholds
+                report, labels, preds, logits, thresholds = (ema_report, *averaged[1:],
+                                                             ema_thresholds)
         if compiling is not None:  # torch.compile's share of `seconds`
             row["compile_seconds"] = compiling
         self.history.append(row)
@@ -549,6 +555,7 @@ class Trainer:
         if is_best:
             self.best_score, self.best_epoch, self.best_from = float(score), epoch + 1, source
             self.best_thresholds = thresholds
+            self.best_calibration = self._calibrate(logits, labels)
         self.callbacks.call("on_evaluate_end", self, epoch, row)
         self.callbacks.call("on_epoch_end", self, epoch)
         self._share_stop()
@@ -562,10 +569,14 @@ class Trainer:
                 extra = {"thresholds": thresholds,
                          "report_tuned": multilabel_report(labels, preds, classes,
                                                            thresholds)} if multi else {}
+                if (self.best_calibration or {}).get("temperature") is not None:
+                    extra["temperature"] = self.best_calibration["temperature"]
                 save_checkpoint(self.run_dir / "checkpoints" / "best", tensors,
                                 {"epoch": epoch + 1, "val_accuracy": report["accuracy"],
                                  "monitor": self.monitor.name, "score": self.best_score,
                                  "weights": source, "report": report, **extra}, frozen=frozen)
+                if logits is not None:
+                    record.write_val_predictions(self, epoch, source, labels, logits)
             record.save_last(self, epoch)
             atomic_write_json(self.run_dir / "history.json", self.history)
         distributed.barrier()  # the epoch's files exist before any rank goes on
@@ -578,6 +589,20 @@ class Trainer:
         if self.stop_reason is not None:
             self.say(f"stopping early: {self.stop_reason}")
         self.callbacks.call("on_epoch_saved", self, epoch)
+
+    def _calibrate(self, logits: torch.Tensor | None,
+                   labels: list[Any]) -> dict[str, Any] | None:
+        """Temperature scaling fitted on this epoch's val logits (one label per image; at
+        least two val images), with ECE before and after; None where it cannot apply."""
+        import torch
+
+        from tlreg.engine.calibration import calibrate
+
+        if not self.config.calibrate or logits is None or len(labels) < 2:
+            return None
+        fit = calibrate(logits, torch.tensor(labels, dtype=torch.long))
+        return {"temperature": fit.pop("temperature"), "fitted_on": "val",
+                "val_images": fit.pop("images"), **fit}
 
     @property
     def thresholds(self) -> list[float] | None:

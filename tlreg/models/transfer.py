@@ -45,6 +45,9 @@ class ModelInfo:
     # class, a label applying when its probability reaches its threshold (tuned on val).
     problem_type: str = "single_label_classification"
     thresholds: tuple[float, ...] = ()
+    # One label per image: probabilities are softmax(logits / temperature), T fitted on val at
+    # the best epoch (Guo et al. 2017); None where none was fitted (plain softmax).
+    temperature: float | None = None
 
 
 class _Features(nn.Module):
@@ -77,6 +80,9 @@ class TransferModel(nn.Module):
         first = "stem" if isinstance(matcher, dict) and "stem" in matcher else "stage0"
         self.stage_names = [first] + [f"stage{i}" for i in range(1, self.num_stages)]
         self._bn_rules: dict[str, str] = {}
+        # A frozen run's training features and val scores (tlreg.engine.familiarity): what
+        # `predict --reject-unfamiliar` measures new images against; None elsewhere.
+        self.familiarity: dict[str, torch.Tensor] | None = None
         self.plan: FreezePlan | None = None
         self.epoch = 0
         if policy is not None:

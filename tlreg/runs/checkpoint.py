@@ -20,11 +20,14 @@ from tlreg._io import (
     save_checkpoint,
 )
 from tlreg.errors import UsageError
+from tlreg.preprocess import check_temperature
 
 if TYPE_CHECKING:
     from torch import Tensor
 
     from tlreg.models.transfer import ModelInfo, TransferModel
+
+FAMILIARITY_FILE = "familiarity.safetensors"  # written by tlreg.engine.record
 
 
 def _tuples(d: Mapping[str, Any]) -> dict[str, Any]:
@@ -59,6 +62,7 @@ def info_from_dict(d: Mapping[str, Any]) -> ModelInfo:
     d = dict(d)
     d["label_names"] = tuple(d.get("label_names") or ())
     d["thresholds"] = tuple(float(v) for v in d.get("thresholds") or ())
+    d["temperature"] = check_temperature(d.get("temperature"), "model.json's info.temperature")
     known = set(ModelInfo.__dataclass_fields__)
     return ModelInfo(**{k: v for k, v in d.items() if k in known})
 
@@ -86,9 +90,17 @@ def load_run_model(run_dir: Path, checkpoint: str = "best") -> TransferModel:
     tensors, state, _ = read_checkpoint(run_dir / "checkpoints" / checkpoint)
     if state.get("thresholds"):  # multi-label: tuned on the val split of that epoch
         info = replace(info, thresholds=tuple(float(v) for v in state["thresholds"]))
+    if state.get("temperature") is not None:  # one label: fitted on val for these weights
+        info = replace(info, temperature=check_temperature(
+            state["temperature"], f"{run_dir}/checkpoints/{checkpoint}'s temperature"))
     model = build_from_info(info, pretrained=False)
     model.load_state_dict(tensors, strict=True)
     model.eval()
+    bank = run_dir / FAMILIARITY_FILE  # a frozen run's training features (engine.familiarity)
+    if bank.is_file():
+        from safetensors.torch import load_file
+
+        model.familiarity = load_file(bank)
     return model
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tlreg.errors import ArtifactError, ChecksumError, FormatVersionError, UnsafeFileError
+from tlreg.preprocess import check_temperature
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -139,6 +140,7 @@ def read_config(folder: Path) -> dict[str, Any]:
         if name not in ARTIFACT_FILES or name == CONFIG_FILE:
             raise ArtifactError(f"{path}: unexpected file {name!r} in 'files'")
     _check_problem(config, path, version)
+    check_temperature(config.get("temperature"), f"{path}: temperature", ArtifactError)
     if HEAD_FILE not in config["files"]:
         raise ArtifactError(f"{path}: 'files' does not list {HEAD_FILE}")
     if (config["backbone"]["weights"] != WEIGHTS_NONE) != (BACKBONE_FILE in config["files"]):

@@ -131,6 +131,7 @@ def _rebuild(config: Mapping[str, Any], allow_mismatch: bool) -> tuple[TransferM
         data_config=_data_config_from_json(config["data_config"], model.data_config),
         problem_type=config.get("problem_type") or SINGLE_LABEL,
         thresholds=tuple(float(v) for v in config.get("thresholds") or ()),
+        temperature=config.get("temperature"),  # checked by read_config
     )
     return model, info
 

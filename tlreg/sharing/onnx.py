@@ -62,7 +62,7 @@ def export_onnx(model: TransferModel, out_dir: str | os.PathLike[str], *,
     preprocess = Preprocess.from_config(model.data_config)
     labels = list(info.label_names) or [str(i) for i in range(info.num_classes)]
     config = deploy_config(
-        preprocess, labels, info.problem_type, info.thresholds or None,
+        preprocess, labels, info.problem_type, info.thresholds or None, info.temperature,
         backbone=info.backbone, timm_name=info.timm_name, head=info.head, opset=opset,
         dynamic_batch=dynamic_batch, dtype="float16" if fp16 else "float32",
         input_name=INPUT_NAME, output_name=OUTPUT_NAME, tlreg_version=__version__)

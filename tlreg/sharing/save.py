@@ -154,6 +154,9 @@ def _config(model: TransferModel, mode: str, weights_hash: str | None,
     return {
         "format": FORMAT_NAME,
         **problem_fields(info.problem_type, info.thresholds),
+        # softmax(logits / T), fitted on val; a tlreg that predates it reads the artifact
+        # and gives the plain softmax (same classes, uncalibrated probabilities)
+        **({"temperature": info.temperature} if info.temperature is not None else {}),
         "tlreg_version": __version__,
         "backbone": {
             "name": info.backbone,
