@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from images import colour_folder
+
 from tlreg import fit
 from tlreg.cli import main
 from tlreg.engine.calibration import expected_calibration_error, fit_temperature
@@ -85,7 +85,7 @@ def test_predict_and_eval_apply_the_temperature(confident_run):
 
 
 def test_val_predictions_file_has_every_val_image(confident_run):
-    data, run = confident_run
+    _, run = confident_run
     vp = json.loads((run / "val_predictions.json").read_text())
     assert vp["classes"] == ["blue", "red"]
     assert vp["temperature"] == pytest.approx(json.loads(
@@ -180,7 +180,7 @@ def test_familiarity_is_a_conformal_p_value_on_synthetic_features():
     bank = familiarity.build(train, torch.zeros(800, dtype=torch.long), val)
     assert bank["bank"].dtype == torch.float16 and bank["k"].item() == familiarity.K
     p_new, p_far = familiarity.familiarity(new, bank), familiarity.familiarity(far, bank)
-    assert 0 < p_new.min() and p_new.max() <= 1
+    assert p_new.min() > 0 and p_new.max() <= 1
     for q in (0.05, 0.1, 0.25):  # about a share q of new in-distribution images turned away
         assert float((p_new < q).float().mean()) == pytest.approx(q, abs=0.03)
     assert float((p_far < 0.05).float().mean()) == 1.0

@@ -18,6 +18,40 @@ from tlreg.specs import BackboneSpec, StateDict
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
+#: `best-of:RANK_DIR` names the backbone `tlreg rank --out RANK_DIR` recommended.
+BEST_OF_PREFIX = "best-of:"
+#: The file `tlreg rank --out DIR` writes (tlreg.analysis.rank) and `best-of:DIR` reads.
+RANK_FILE = "rank.json"
+
+
+def resolve_best_of(name: str) -> str:
+    """`best-of:RANK_DIR` -> the backbone recorded first (`best`) in RANK_DIR/rank.json.
+
+    Any other name comes back unchanged. Called where a training config is checked, so the run
+    records the real name. A missing, damaged or empty rank.json is one UsageError.
+    """
+    if not name.startswith(BEST_OF_PREFIX):
+        return name
+    from tlreg._io import read_json
+    from tlreg.errors import UsageError
+
+    where = name.removeprefix(BEST_OF_PREFIX).strip()
+    if not where:
+        raise UsageError(f"{BEST_OF_PREFIX} needs the folder `tlreg rank --out DIR` wrote: "
+                         f"--backbone {BEST_OF_PREFIX}DIR")
+    path = Path(where).expanduser()
+    if path.is_dir() or path.name != RANK_FILE:
+        path = path / RANK_FILE
+    if not path.is_file():
+        raise UsageError(f"--backbone {name}: no {path}; write it first with "
+                         f"tlreg rank DATA --backbones PATTERNS --out {where}")
+    best = read_json(path, {"best": (str, type(None)), "rows": list}, what="rank file")["best"]
+    if not best or not best.strip() or best.startswith(BEST_OF_PREFIX):
+        raise UsageError(f"rank file {path} recommends no backbone (every candidate was skipped "
+                         "or failed); rank again with other --backbones or a larger --budget")
+    return best
+
+
 def get_backbone(name: str) -> BackboneSpec:
     """A BackboneSpec for a registered name, or for any timm model as `timm:<name>[.<tag>]`."""
     from tlreg.registry import TIMM_PREFIX, get
