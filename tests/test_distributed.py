@@ -294,6 +294,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 90) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # two processes: ~15 s on 2 cores; CI's slow step runs it
 def test_sigkill_of_one_rank_stops_the_job_and_resume_completes_it(
         data: Path, ref_finetune: Path, worker: Path, tmp_path: Path, cli: Any) -> None:
     out, pids = tmp_path / "run", tmp_path / "pids"
@@ -319,6 +320,7 @@ def test_sigkill_of_one_rank_stops_the_job_and_resume_completes_it(
     assert max_diff(out, ref_finetune) < TOL
 
 
+@pytest.mark.slow  # two processes: ~15 s on 2 cores; CI's slow step runs it
 def test_exception_on_one_rank_fails_the_job(data: Path, tmp_path: Path,
                                              worker: Path) -> None:
     out = tmp_path / "run"
@@ -332,6 +334,7 @@ def test_exception_on_one_rank_fails_the_job(data: Path, tmp_path: Path,
     assert state["epoch"] == 1  # rank 0 never saved past the failure, and epoch 1 is whole
 
 
+@pytest.mark.slow  # two processes: ~15 s on 2 cores; CI's slow step runs it
 def test_a_stop_asked_on_one_rank_stops_every_rank(data: Path, tmp_path: Path,
                                                     worker: Path) -> None:
     out = tmp_path / "run"
@@ -418,6 +421,7 @@ def test_resume_keeps_the_global_batch(tmp_path: Path, monkeypatch: pytest.Monke
     assert _resume_batch_size(tmp_path, 2) == 8
 
 
+@pytest.mark.slow  # two processes: ~15 s on 2 cores; CI's slow step runs it
 def test_balanced_sampler_on_two_processes_draws_what_one_draws(
         data: Path, worker: Path, tmp_path: Path) -> None:
     """Each epoch the two ranks' draws together are the one-process draw (the same global

@@ -143,6 +143,7 @@ def test_created_files_follow_the_umask(tmp_path: Path, monkeypatch: pytest.Monk
         assert _modes(root) <= {("d", 0o755), ("f", 0o644)}, root
 
 
+@pytest.mark.slow  # two training processes racing: ~15 s; CI's slow step runs it
 def test_two_writers_one_run_folder(tmp_path: Path) -> None:
     """A second `tlreg train` on a run folder in use is refused, naming the first's pid."""
     data = colour_folder(tmp_path / "data", per_class=4, val_per_class=2)
