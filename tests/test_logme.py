@@ -103,3 +103,14 @@ def test_the_default_stop_is_close_to_the_converged_maximum(n: int, d: int) -> N
     converged, _, _ = max_evidence(f, y, tol=1e-12, max_iter=10_000)
     assert converged >= evidence - 1e-12
     assert (converged - evidence) / n < 1e-5
+
+
+def test_the_score_does_not_depend_on_the_features_scale() -> None:
+    """The maximum evidence is invariant to scaling F (alpha absorbs it); the fixed point from
+    alpha = beta = 1 was not: features 1e9 times too large saturated gamma at n and divided
+    by zero (random-init features of a small data set did, in `tlreg rank`)."""
+    rng = np.random.default_rng(0)
+    f, y = rng.normal(size=(40, 120)), np.arange(40) % 4
+    ref = logme(f, y)
+    for scale in (1e-6, 1e3, 1e9, 1e12):
+        assert logme(f * scale, y) == pytest.approx(ref, rel=1e-9)

@@ -69,7 +69,8 @@ def dataset_features(data: DataSplit, backbone: str, *, pretrained: bool = True,
                          workers=workers, device=device, img_size=img_size, cache=cache,
                          cache_dir=cache_dir, policy="feature-extract")
     if model is None:
-        model = create_model(backbone, max(1, len(data.classes)), policy="feature-extract",
+        # the head goes unused; create_model wants 2 classes or more
+        model = create_model(backbone, max(2, len(data.classes)), policy="feature-extract",
                              pretrained=pretrained, weights=weights,
                              label_names=tuple(data.classes))
     data_config = data_config_for(model.data_config, img_size)

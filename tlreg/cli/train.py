@@ -123,7 +123,8 @@ def train(
         "removed (changed classes, inputs or model are always refused).",
     ),
     backbone: str | None = typer.Option(
-        None, "--backbone", "-b", help="Registered name or timm:<name>."
+        None, "--backbone", "-b",
+        help="Registered name, timm:<name>, or best-of:RANK_DIR (what tlreg rank picked)."
     ),
     head: str | None = typer.Option(None, "--head", help="Head name (default: the backbone's)."),
     head_arg: list[str] | None = typer.Option(None, "--head-arg", help="key=value for the head."),

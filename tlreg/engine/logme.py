@@ -221,7 +221,12 @@ def logme(features: np.ndarray, labels: np.ndarray, *, num_classes: int | None =
             f"LogME needs at least 2 classes among the labels, got {classes.size} "
             f"({classes.tolist()})"
         )
-    spec = _Spectrum(f)
+    # The maximum evidence does not change when F is scaled (alpha absorbs c^2), but the fixed
+    # point from alpha = beta = 1 does: features a million times too large saturate gamma at n,
+    # beta becomes 0 and the next step divides by it (random-init features of 140 face crops
+    # did). Rows of unit mean square keep the start on the scale of the data.
+    rms = float(np.sqrt(np.mean(np.sum(f * f, axis=1))))
+    spec = _Spectrum(f / rms if rms > 0 else f)
     n = f.shape[0]
     scores = [_maximise(spec, (y == c).astype(np.float64))[0] / n for c in classes]
     return float(np.mean(scores))
