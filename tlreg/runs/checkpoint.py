@@ -173,6 +173,21 @@ def save_train_state(path: Path, model_tensors: Mapping[str, Tensor], frozen: Pa
     save_checkpoint(path, model_tensors, full, train_state=tensors, frozen=frozen)
 
 
+def _match_layouts(optimizer: Any) -> None:
+    """Give each loaded state tensor its parameter's memory layout (channels_last included).
+
+    A checkpoint stores tensors contiguous; the optimizer made its moments with its
+    parameter's strides. The fused kernels pair a parameter's and its moments' elements by
+    storage order, so a channels_last weight with contiguous moments would step differently
+    after --resume than in an unbroken run."""
+    import torch
+
+    for p, st in optimizer.state.items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
 def load_train_state(path: Path, model: Any, optimizer: Any, scheduler: Any,
                      device: Any, run_dir: Path) -> dict[str, Any]:
     """Restore what `save_train_state` wrote into the live objects; returns its JSON state."""
@@ -195,6 +210,7 @@ def load_train_state(path: Path, model: Any, optimizer: Any, scheduler: Any,
             opt_state.setdefault(int(pid), {})[name] = value.to(device)
     optimizer.load_state_dict({"state": opt_state,
                                "param_groups": state["optimizer"]["param_groups"]})
+    _match_layouts(optimizer)
     scheduler.load_state_dict(state["scheduler"])
     py, npst = state["rng"]["python"], state["rng"]["numpy"]
     restore_rng(RngState(tensors["rng.torch"], tensors.get("rng.cuda"),
