@@ -472,7 +472,7 @@ def _plot(ranking: Ranking, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tlreg._io import atomic_path
+    from tlreg.runs.plots import save_png
 
     rows = [r for r in ranking.rows if r.status == "ranked" and r.logme is not None]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -488,9 +488,4 @@ def _plot(ranking: Ranking, path: Path) -> None:
     ax.set(xlabel="LogME (train features)", ylabel=f"probe {ranking.folds}-fold CV accuracy",
            title=f"tlreg rank: {Path(ranking.data).name or ranking.data}")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-    finally:
-        plt.close(fig)
+    save_png(fig, path)

@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from tlreg.analysis.audit import KINDS, MIN_SIDE
 from tlreg.analysis.duplicates import DUPLICATE_THRESHOLD, OUTLIER_Z
 from tlreg.cli._output import print_json, print_table
-from tlreg.cli.train import (
-    ImageColumn,
-    LabelColumn,
-    LabelDelimiter,
-    MultiLabel,
-    PathColumn,
-    Root,
-    SourceArg,
-    SplitColumn,
-    source_args,
-)
+from tlreg.cli.train import with_source_flags
 
 if TYPE_CHECKING:
     from tlreg.analysis.audit import AuditReport
@@ -28,7 +18,7 @@ if TYPE_CHECKING:
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `tlreg` app."""
-    app.command("audit")(audit)
+    app.command("audit")(with_source_flags(audit))
 
 
 def audit(
@@ -63,20 +53,13 @@ def audit(
     batch_size: int = typer.Option(64, "--batch-size"),
     workers: int = typer.Option(2, "--workers"),
     seed: int = typer.Option(0, "--seed", help="Folds and the --val-split hold-out."),
-    path_column: PathColumn = None,
-    label_column: LabelColumn = None,
-    split_column: SplitColumn = None,
-    image_column: ImageColumn = None,
-    root: Root = None,
-    label_delimiter: LabelDelimiter = None,
-    multi_label: MultiLabel = None,
-    source_arg: SourceArg = None,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     csv: Path | None = typer.Option(None, "--csv", help="Also write the findings as CSV."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write OUT/audit.json "
                                     "(tlreg report shows it)."),
     limit: int = typer.Option(30, "--limit", help="Findings shown in the table (all go to "
                               "--json, --csv and --out)."),
+    sources: dict[str, Any] | None = None,
 ) -> None:
     """What to fix in a data set: likely label errors, duplicates, train/val leaks, outliers,
     unreadable and tiny images, class balance; a ranked list of files with reasons."""
@@ -85,7 +68,7 @@ def audit(
 
     report = run_audit(
         data, backbone=backbone, val_split=val_split, seed=seed,
-        source_args=source_args(locals(), source_arg), folds=folds,
+        source_args=sources, folds=folds,
         duplicate_threshold=duplicate_threshold, outlier_z=outlier_z, min_side=min_side,
         label_issues=label_issues, pretrained=pretrained, weights=weights, img_size=img_size,
         cache=cache, cache_dir=cache_dir, device=device, batch_size=batch_size,

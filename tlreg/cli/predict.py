@@ -8,23 +8,12 @@ from typing import Any
 import typer
 
 from tlreg.cli._output import print_json, print_table
-from tlreg.cli.train import (
-    ImageColumn,
-    LabelColumn,
-    LabelDelimiter,
-    MultiLabel,
-    PathColumn,
-    Root,
-    SourceArg,
-    SplitColumn,
-    Tta,
-    source_args,
-)
+from tlreg.cli.train import Tta, with_source_flags
 from tlreg.data.tta import get_tta
 
 
 def register(app: typer.Typer) -> None:
-    app.command("eval")(evaluate)
+    app.command("eval")(with_source_flags(evaluate))
     app.command("predict")(predict)
 
 
@@ -47,17 +36,10 @@ def evaluate(
     batch_size: int = typer.Option(32, "--batch-size"),
     device: str = typer.Option("cpu", "--device"),
     as_json: bool = typer.Option(False, "--json"),
-    path_column: PathColumn = None,
-    label_column: LabelColumn = None,
-    split_column: SplitColumn = None,
-    image_column: ImageColumn = None,
-    root: Root = None,
-    label_delimiter: LabelDelimiter = None,
-    multi_label: MultiLabel = None,
-    source_arg: SourceArg = None,
     tta: Tta = "none",
     reject_below: float | None = RejectBelow,
     reject_unfamiliar: float | None = RejectUnfamiliar,
+    sources: dict[str, Any] | None = None,
 ) -> None:
     """Accuracy, expected calibration error, per-class precision / recall, confusion matrix."""
     from tlreg.predict import evaluate as run_eval
@@ -66,7 +48,7 @@ def evaluate(
     get_tta(tta)  # before the model loads
     report = run_eval(
         load_model(source, checkpoint=checkpoint), data, batch_size=batch_size, device=device,
-        source_args=source_args(locals(), source_arg), tta=tta, reject_below=reject_below,
+        source_args=sources, tta=tta, reject_below=reject_below,
         reject_unfamiliar=reject_unfamiliar,
     )
     with_tta = "" if tta == "none" else f" (TTA {tta})"

@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from tlreg.cli._output import print_json, print_table
-from tlreg.cli.train import (
-    ImageColumn,
-    LabelColumn,
-    LabelDelimiter,
-    MultiLabel,
-    PathColumn,
-    Root,
-    SourceArg,
-    SplitColumn,
-    source_args,
-)
+from tlreg.cli.train import with_source_flags
 
 
 def register(app: typer.Typer) -> None:
-    app.command("rank")(rank)
+    app.command("rank")(with_source_flags(rank))
 
 
 def rank(
@@ -55,15 +46,8 @@ def rank(
     val_split: float | None = typer.Option(
         None, "--val-split", help="Hold out this fraction of each class (data without a val "
         "split)."),
-    path_column: PathColumn = None,
-    label_column: LabelColumn = None,
-    split_column: SplitColumn = None,
-    image_column: ImageColumn = None,
-    root: Root = None,
-    label_delimiter: LabelDelimiter = None,
-    multi_label: MultiLabel = None,
-    source_arg: SourceArg = None,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
+    sources: dict[str, Any] | None = None,
 ) -> None:
     """Rank backbones on DATA before training: LogME and a cross-validated linear probe on
     each one's cached frozen features, best first, with a recommendation."""
@@ -81,7 +65,7 @@ def rank(
                        budget=budget, pretrained=pretrained, img_size=img_size, cache=cache,
                        cache_dir=cache_dir, device=device, batch_size=batch_size,
                        workers=workers, val_split=val_split,
-                       source_args=source_args(locals(), source_arg), say=say)
+                       source_args=sources, say=say)
     written = write_rank(ranking, out) if out is not None else None
     if as_json:
         print_json(ranking.to_dict())

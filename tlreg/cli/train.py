@@ -69,6 +69,34 @@ def _with_json(command: Any) -> Any:
     return command
 
 
+#: The flags of every command that opens a data source, in the order help lists them.
+SOURCE_FLAGS: dict[str, Any] = {
+    "path_column": PathColumn, "label_column": LabelColumn, "split_column": SplitColumn,
+    "image_column": ImageColumn, "root": Root, "label_delimiter": LabelDelimiter,
+    "multi_label": MultiLabel, "source_arg": SourceArg,
+}
+
+
+def with_source_flags(command: Any) -> Any:
+    """`command` with the data-source flags (SOURCE_FLAGS) added after its own; it receives
+    them as one keyword argument, `sources` (the source's keyword arguments).
+
+    Declared once here, so `eval`, `rank` and `audit` take a table or `hf:` data set as
+    `train` does."""
+    sig = inspect.signature(command, eval_str=True)
+    own = [p for p in sig.parameters.values() if p.name != "sources"]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
+                               default=None) for name, kind in SOURCE_FLAGS.items()]
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        flags = {name: kwargs.pop(name, None) for name in SOURCE_FLAGS}
+        return command(*args, sources=source_args(flags, flags.pop("source_arg")), **kwargs)
+
+    run.__signature__ = sig.replace(parameters=[*own, *added])  # type: ignore[attr-defined]
+    return run
+
+
 def source_args(values: dict[str, Any], source_arg: list[str] | None) -> dict[str, Any]:
     """The source's keyword arguments: the flags in SOURCE_OPTIONS that were given, then
     `--source-arg key=value` pairs."""

@@ -26,7 +26,7 @@ def plot_history(history: Sequence[dict[str, Any]], path: Path) -> None:
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def plot_lr_find(lrs: Sequence[float], losses: Sequence[float],
@@ -46,10 +46,10 @@ def plot_lr_find(lrs: Sequence[float], losses: Sequence[float],
            title="learning-rate range test")
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(fig, path)
+    save_png(fig, path)
 
 
-def _save(fig: Any, path: Path) -> None:
+def save_png(fig: Any, path: Path) -> None:
     """The figure as a PNG, written atomically; the figure is closed either way."""
     import matplotlib.pyplot as plt
 
