@@ -231,6 +231,7 @@ def planted(tmp_path: Path) -> tuple[DataSplit, DatasetFeatures, dict[str, str]]
 
 
 def test_every_planted_problem_is_found_and_ranked(planted, tmp_path: Path) -> None:
+    pytest.importorskip("cleanlab")  # the [audit] extra; CI's audit step runs this
     split, features, where = planted
     report = audit_features(split, features, data="synthetic", folds=3,
                             duplicate_threshold=0.9)
@@ -324,11 +325,11 @@ def command() -> typer.Typer:
 
 
 def test_the_command_writes_json_csv_and_audit_json(command, tmp_path: Path) -> None:
+    pytest.importorskip("cleanlab")  # the [audit] extra; CI's audit step runs this
     data = colour_folder(tmp_path / "data", per_class=8, val_per_class=4, size=40)
     shutil.copy(data / "val" / "red" / "red_000.png", data / "train" / "red" / "leaked.png")
     args = ["audit", str(data), "--backbone", "timm:test_resnet", "--no-pretrained",
             "--cache-dir", str(tmp_path / "cache"), "--workers", "0", "--device", "cpu"]
-    t0 = time.perf_counter()
     result = CliRunner().invoke(command, [*args, "--json", "--csv", str(tmp_path / "a.csv"),
                                           "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
@@ -348,7 +349,6 @@ def test_the_command_writes_json_csv_and_audit_json(command, tmp_path: Path) -> 
     assert "class balance: smallest / largest 0.89 (blue 8, red 9 in train)" in result.stdout
     assert "leaked.png" in result.stdout and "more: --limit 0" in result.stdout
     assert "label issues not checked: not asked for" in result.stderr
-    assert time.perf_counter() - t0 < 120
 
 
 def test_the_command_refuses_bad_input(command, tmp_path: Path) -> None:
