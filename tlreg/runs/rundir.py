@@ -24,7 +24,7 @@ from tlreg.lock import LOCK_NAME, exclusive
 #: killed before it started).
 RUN_FILES = ("config.yaml", "model.json", "run.json", "history.json", "summary.json",
              "training.png", "log.csv", "tensorboard", "lr_find.json", "lr_find.png",
-             "checkpoints")
+             "checkpoints", "val_predictions.json", "familiarity.safetensors", "report.html")
 
 
 def leftover(name: str) -> bool:
