@@ -137,8 +137,14 @@ def _maximise(
     for _ in range(max_iter):
         old_alpha, old_beta = alpha, beta
         gamma, m2, res2 = _terms(spec, x2, rest, alpha, beta)
-        alpha = gamma / max(m2, tiny)
-        beta = (spec.n - gamma) / max(res2, tiny)
+        new_alpha = gamma / max(m2, tiny)
+        new_beta = (spec.n - gamma) / max(res2, tiny)
+        if not (0 < new_alpha < math.inf and 0 < new_beta < math.inf):
+            # y lies in F's span (n <= rank F: random features of 140 face crops did): the
+            # residual vanishes, gamma reaches n and the update would set beta to 0. The
+            # evidence's supremum is its limit; stop at the last finite step.
+            break
+        alpha, beta = new_alpha, new_beta
         changes = (
             abs(alpha - old_alpha) / old_alpha,
             abs(beta - old_beta) / old_beta,
