@@ -107,6 +107,59 @@ def test_disk_cache_is_reused_and_matches_memory(photos: Path, tmp_path: Path,
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize(("need", "memory", "free", "want"), [
+    (10, 10, 0, "memory"), (11, 10, 22, "disk"), (11, 10, 21, "off"), (0, 0, 0, "memory")])
+def test_auto_chooses_memory_then_disk_then_off(need: int, memory: int, free: int,
+                                                want: str) -> None:
+    from tlreg.data.decoded import choose_mode
+
+    assert choose_mode(need, memory, free) == want
+
+
+def test_disk_mode_streams_and_ignores_the_memory_budget(photos: Path) -> None:
+    """`disk` needs disk, not memory: a 1-byte memory budget still decodes, and the result is
+    the memory map (no image tensor owns its storage), equal to the in-memory decode."""
+    samples = _samples(photos)
+    memory = decode_all(samples, CFG, mode="memory", workers=0, max_bytes=2**30)
+    disk = decode_all(samples, CFG, mode="disk", workers=0, max_bytes=1)
+    assert memory is not None and disk is not None
+    storages = {t.untyped_storage().data_ptr() for t in disk.images if t is not None}
+    assert len(storages) == 1  # every image a view of the one mapped file
+    for a, b in zip(memory.images, disk.images, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_disk_mode_without_the_disk_space_falls_back(photos: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import tlreg.data.decoded as decoded
+
+    monkeypatch.setattr(decoded, "free_bytes", lambda folder: 100)
+    with pytest.warns(UserWarning, match="GiB of disk .* more than is free"):
+        assert decode_all(_samples(photos), CFG, mode="disk", workers=0, max_bytes=1) is None
+
+
+def test_auto_over_the_memory_budget_trains_from_disk(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    """The run says once that it went to disk, and trains the weights the memory cache gives."""
+    data = colour_folder(tmp_path / "data", per_class=4, val_per_class=2)
+
+    def run(name: str, **kw: object) -> dict[str, torch.Tensor]:
+        cfg = TrainConfig(data=str(data), out=str(tmp_path / name), backbone="timm:test_resnet",
+                          pretrained=False, policy="finetune", img_size=32, epochs=1,
+                          batch_size=4, workers=0, quiet=False, cache_dir=str(tmp_path / "c"),
+                          **kw)
+        return fit(cfg).model.state_dict()
+
+    ram = run("ram", decoded_cache="memory")
+    capsys.readouterr()
+    auto = run("auto", decoded_cache="auto", decoded_cache_gb=1e-6)
+    out = capsys.readouterr().out
+    assert out.count("memory-mapped on disk") == 1 and "(disk)" in out
+    assert len(list((tmp_path / "c" / "decoded").glob("*/data.bin"))) == 2  # train, val
+    assert all(torch.equal(ram[k], auto[k]) for k in ram)
+
+
 def test_over_budget_warns_and_training_falls_back(tmp_path: Path) -> None:
     data = colour_folder(tmp_path / "data", per_class=4, val_per_class=2)
     with pytest.warns(UserWarning, match="over its budget"):

@@ -30,7 +30,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 def test_a_full_cache_disk_turns_the_cache_off(tmp_path: Path, small_disk: Path) -> None:
     from tlreg.engine.trainer import fit
 
-    data = colour_folder(tmp_path / "data", per_class=40, val_per_class=4)  # 80 x 48 floats
+    data = colour_folder(tmp_path / "data", per_class=250, val_per_class=4)  # 500 x 48 floats
     with pytest.warns(UserWarning, match="feature cache off: cannot write .*No space left"):
         result = fit(data=str(data), out=str(tmp_path / "run"), backbone="timm:test_resnet",
                      pretrained=False, img_size=32, workers=0, quiet=True, device="cpu",

@@ -164,12 +164,14 @@ def test_training_on_a_table_equals_training_on_the_folder(photos: Path, tmp_pat
     table = write_table(photos / "manifest.csv", manifest_rows(photos, photos))
     cache = tmp_path / "cache"
     _train(str(photos), tmp_path / "by-folder", cache)
-    entries = list((cache / "features").glob("*/entry"))
-    assert len(entries) == 1
+    from tlreg.data.features import chunk_entries
+
+    chunks = sorted((cache / "features").glob("*/chunk-*.safetensors"))
+    assert len({c.parent for c in chunks}) == 1
     _train(str(table), tmp_path / "by-table", cache, path_column="file",
            label_column="species")
-    assert list((cache / "features").glob("*/entry")) == entries  # the folder's cache, reused
-    index = json.loads((entries[0] / "state.json").read_text())["index"]
+    assert sorted((cache / "features").glob("*/chunk-*.safetensors")) == chunks  # reused
+    index = chunk_entries(chunks[0].parent)
     assert len(index) == 18 and all(Path(k).is_file() for k in index)
     from tlreg._io import read_checkpoint
 

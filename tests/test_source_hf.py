@@ -96,11 +96,14 @@ def test_training_on_arrow_bytes_equals_training_on_files(photos: Path, tmp_path
     _train(str(photos), tmp_path / "by-folder", cache)
     _train(f"hf:{tmp_path / 'saved'}", tmp_path / "by-hf", cache)
     _same(_head(tmp_path / "by-folder"), _head(tmp_path / "by-hf"))
-    entry = next((cache / "features").glob("*/entry"))
-    keys = set(json.loads((entry / "state.json").read_text())["index"])
+    from tlreg.data.features import chunk_entries
+
+    entry = next((cache / "features").glob("*/chunk-*.safetensors")).parent
+    keys = set(chunk_entries(entry))
     assert sum(k.startswith("sha256:") for k in keys) == 18  # one per image, beside the files'
+    chunks = sorted(entry.glob("chunk-*"))
     _train(f"hf:{tmp_path / 'saved'}", tmp_path / "again", cache)  # same keys: nothing new
-    assert set(json.loads((entry / "state.json").read_text())["index"]) == keys
+    assert set(chunk_entries(entry)) == keys and sorted(entry.glob("chunk-*")) == chunks
     run = json.loads((tmp_path / "by-hf" / "run.json").read_text())
     assert run["data_source"]["splits"] == {"train": "train", "val": "validation"}
 

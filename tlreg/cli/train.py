@@ -286,10 +286,11 @@ def train(
     decoded_cache: str | None = typer.Option(
         None,
         "--decoded-cache",
-        help="Decode images once: auto (memory when the backbone trains), off, memory, disk.",
+        help="Decode images once: auto (memory within --decoded-cache-gb, else disk), off, "
+        "memory, disk.",
     ),
     decoded_cache_gb: float | None = typer.Option(
-        None, "--decoded-cache-gb", help="Budget for the decoded-image cache (GiB)."
+        None, "--decoded-cache-gb", help="Memory budget for the decoded-image cache (GiB)."
     ),
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1."),
     precision: str | None = typer.Option(None, "--precision", help="auto, fp32, bf16, fp16."),

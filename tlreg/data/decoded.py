@@ -13,10 +13,12 @@ sample's random parameters come from (epoch seed, sample index), so the augmenta
 depend on batch composition, worker or rank. RandAugment is per-image PIL work: with it the
 training images take timm's per-image path (`batch_unsupported`).
 
-`disk` stores the tensors in a memory-mapped file under the cache directory, keyed by the
-file list (paths, sizes, mtimes) and the resize, so the next run skips decoding too. When the
-data set would not fit `max_bytes`, the cache says so once and the trainer falls back to the
-ordinary pipeline.
+`disk` streams the tensors into a memory-mapped file under the cache directory as they are
+decoded (one image in memory at a time), keyed by the file list (paths, sizes, mtimes) and the
+resize, so the next run skips decoding too. `auto` chooses before it starts, from the decoded
+size read off the image headers: memory within `--decoded-cache-gb`, else disk where it takes at
+most half the free space (`choose_mode`). When neither fits, the cache says so once and the
+trainer falls back to the ordinary pipeline.
 """
 
 from __future__ import annotations
@@ -136,71 +138,109 @@ def _key(samples: Sequence[Sample], short_side: int, interpolation: str) -> str:
     return h.hexdigest()[:24]
 
 
+DISK_SHARE = 0.5  # `auto` puts the decoded images on disk only where they take half the free space
+
+
+def choose_mode(need: int, memory_budget: int, disk_free: int) -> str:
+    """`--decoded-cache auto` for a data set whose decoded images take `need` bytes: in memory
+    within the budget, else memory-mapped on disk where it leaves room, else off."""
+    if need <= memory_budget:
+        return "memory"
+    if need <= DISK_SHARE * disk_free:
+        return "disk"
+    return "off"
+
+
+def disk_folder(samples: Sequence[Sample], data_config: dict[str, Any],
+                cache_dir: str | Path | None) -> Path:
+    """Where `disk` mode keeps these samples' decoded images."""
+    from tlreg.data.features import cache_root
+
+    short = short_side_for(data_config)
+    interpolation = data_config.get("interpolation", "bicubic")
+    return cache_root(cache_dir) / "decoded" / _key(samples, short, interpolation)
+
+
+def free_bytes(folder: Path) -> int:
+    """Free space where `folder` is (or would be) created."""
+    import shutil
+
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            return shutil.disk_usage(parent).free
+    return 0
+
+
 def decode_all(samples: Sequence[Sample], data_config: dict[str, Any], *, mode: str,
-               workers: int, max_bytes: int,
-               cache_dir: str | Path | None = None) -> DecodedImages | None:
-    """Decode every sample once (in `workers` processes); None when over `max_bytes`."""
+               workers: int, max_bytes: int, cache_dir: str | Path | None = None,
+               need: int | None = None) -> DecodedImages | None:
+    """Decode every sample once (in `workers` processes); None when it does not fit.
+
+    `memory` must fit `max_bytes`; `disk` writes each image to the memory-mapped file as it
+    arrives, so it needs free disk space, not memory, and serves the images from the map.
+    `need`: the decoded size if the caller already estimated it.
+    """
     import torch
     from torch.utils.data import DataLoader
 
     short = short_side_for(data_config)
     interpolation = data_config.get("interpolation", "bicubic")
-    need = estimate_bytes(samples, short)
-    if need > max_bytes:
+    need = estimate_bytes(samples, short) if need is None else need
+    disk_dir = disk_folder(samples, data_config, cache_dir) if mode == "disk" else None
+    if disk_dir is None and need > max_bytes:
         warnings.warn(f"decoded-image cache needs about {need / 2**30:.2f} GiB for "
                       f"{len(samples)} images, over its budget of {max_bytes / 2**30:.2f} GiB; "
-                      "decoding in the DataLoader instead (raise --decoded-cache-gb to use it)",
-                      stacklevel=2)
+                      "decoding in the DataLoader instead (raise --decoded-cache-gb, or "
+                      "--decoded-cache disk)", stacklevel=2)
         return None
-    disk_dir = None
-    if mode == "disk":
-        from tlreg.data.features import cache_root
-
-        disk_dir = cache_root(cache_dir) / "decoded" / _key(samples, short, interpolation)
+    loader = DataLoader(_DecodeDataset(samples, short, interpolation), batch_size=1,
+                        num_workers=workers, collate_fn=_first)
+    if disk_dir is not None:
         loaded = _load_disk(disk_dir, samples, short)
         if loaded is not None:
             return loaded
-    loader = DataLoader(_DecodeDataset(samples, short, interpolation), batch_size=1,
-                        num_workers=workers, collate_fn=_first)
+        if need > free_bytes(disk_dir):
+            warnings.warn(f"decoded-image cache needs about {need / 2**30:.2f} GiB of disk "
+                          f"under {disk_dir}, more than is free; decoding in the DataLoader "
+                          "instead", stacklevel=2)
+            return None
+        try:
+            _save_disk(disk_dir, short, len(samples), loader)
+        except OSError as exc:  # a full or read-only cache folder: the cache is optional
+            warnings.warn(f"decoded-image cache off: cannot write {disk_dir} ({exc.strerror}); "
+                          "decoding in the DataLoader instead", stacklevel=2)
+            return None
+        return _load_disk(disk_dir, samples, short, verify=False)  # just written
     images: list[torch.Tensor | None] = [None] * len(samples)
     for array, i in loader:
         images[i] = None if array is None else torch.from_numpy(array)
-    decoded = DecodedImages(samples, short, images)
-    if disk_dir is not None:
-        try:
-            _save_disk(disk_dir, decoded)
-        except OSError as exc:  # a full or read-only cache folder: the cache is optional
-            warnings.warn(f"decoded-image cache off: cannot write {disk_dir} ({exc.strerror}); "
-                          "the images stay in memory for this run", stacklevel=2)
-            return decoded
-        loaded = _load_disk(disk_dir, samples, short, verify=False)  # just written
-        if loaded is not None:  # serve from the memory map, so pages can be dropped
-            return loaded
-    return decoded
+    return DecodedImages(samples, short, images)
 
 
-def _save_disk(folder: Path, decoded: DecodedImages) -> None:
-    import numpy as np
-
+def _save_disk(folder: Path, short_side: int, count: int, loader: Any) -> None:
+    """Stream the decoded images into `data.bin` (one image in memory at a time), then its
+    index; both written aside and renamed, the index last, so a reader sees all or nothing."""
     folder.mkdir(parents=True, exist_ok=True)
-    shapes = [list(t.shape) if t is not None else None for t in decoded.images]
-    total = sum(int(np.prod(s)) for s in shapes if s)
+    shapes: list[list[int] | None] = [None] * count
+    offsets = [0] * count
+    digest = hashlib.sha256()
     offset = 0
-    offsets = []
-    with atomic_path(folder / "data.npy") as tmp:
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(max(total, 1),))
-        for t in decoded.images:
-            offsets.append(offset)
-            if t is not None:
-                n = t.numel()
-                arr[offset:offset + n] = t.reshape(-1).numpy()
-                offset += n
-        arr.flush()
-        digest = hashlib.sha256(memoryview(arr)).hexdigest()
-        del arr
-    atomic_write_json(folder / "index.json", {"short_side": decoded.short_side,
-                                              "shapes": shapes, "offsets": offsets,
-                                              "bytes": max(total, 1), "sha256": digest})
+    with atomic_path(folder / "data.bin") as tmp, open(tmp, "wb") as f:
+        for array, i in loader:
+            offsets[i] = offset
+            if array is not None:
+                shapes[i] = list(array.shape)
+                raw = memoryview(array).cast("B")
+                f.write(raw)
+                digest.update(raw)
+                offset += array.size
+        if offset == 0:  # np.memmap cannot map an empty file
+            f.write(b"\0")
+            digest.update(b"\0")
+            offset = 1
+    atomic_write_json(folder / "index.json", {"short_side": short_side, "shapes": shapes,
+                                              "offsets": offsets, "bytes": offset,
+                                              "sha256": digest.hexdigest()})
 
 
 def _load_disk(folder: Path, samples: Sequence[Sample], short: int,
@@ -213,12 +253,12 @@ def _load_disk(folder: Path, samples: Sequence[Sample], short: int,
     import numpy as np
     import torch
 
-    index_path, data_path = folder / "index.json", folder / "data.npy"
+    index_path, data_path = folder / "index.json", folder / "data.bin"
     if not (index_path.is_file() and data_path.is_file()):
         return None
     try:
         index = json.loads(index_path.read_text())
-        data: np.ndarray = np.load(data_path, mmap_mode="c")  # copy-on-write: never writes
+        data: np.ndarray = np.memmap(data_path, dtype=np.uint8, mode="c")  # never writes
         _check_entry(index, data, len(samples), verify)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         warnings.warn(f"decoded-image cache entry {folder} is damaged ({exc}); decoding the "

@@ -5,6 +5,9 @@ the transforms are deterministic (the trainer checks all three). Entries are key
 weights hash, data config and transform; inside an entry each image is keyed by
 `tlreg.data.sources.identity` (a file's path, size and modification time, so touching one file
 recomputes only that one; an in-memory image's content hash).
+
+An entry is a folder of chunk files (`FeatureCache`), so a 50,000-image entry is read a chunk
+at a time and one new image costs one small file, not a rewrite of the other 49,999.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tlreg._io import atomic_write_json, read_checkpoint, save_checkpoint
+from tlreg._io import atomic_path, atomic_write_json, save_file
 
 if TYPE_CHECKING:
     import torch
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
     from tlreg.data.sources import Sample
 
 CACHE_ENV = "TLREG_CACHE_DIR"
+MAX_HEADER_BYTES = 64 << 20  # 50,000 names and stamps take about 5 MB
 
 
 def cache_root(override: str | os.PathLike[str] | None = None) -> Path:
@@ -56,64 +60,103 @@ class FeatureKey:
         return hashlib.sha256(repr(self).encode()).hexdigest()[:24]
 
 
+CHUNK_ROWS = 4096  # rows per chunk file: 20 MB of float32 at 1,280 features
+MAX_CHUNKS = 64  # more files than this are merged (many small appends)
+CHUNK_FORMAT = "tlreg-features/2"
+CHUNK_GLOB = "chunk-*.safetensors"
+
+
 class FeatureCache:
-    """One cache entry: a features tensor plus a JSON index of path -> (size, mtime, row)."""
+    """One cache entry: append-only chunk files of features, each naming its own images.
+
+    A chunk is a safetensors file of at most `CHUNK_ROWS` rows whose metadata lists the images
+    (identity and stamp) of its rows and the SHA-256 of its tensor. Adding images writes new
+    chunks and never touches the old ones; when a name appears in several chunks the newest
+    (by file name) wins, so a crash between two writes leaves a readable entry. Rows are read
+    a chunk at a time (safetensors memory-maps the file), verified before use, and a damaged or
+    truncated chunk is dropped, so only its images are computed again.
+    """
 
     def __init__(self, root: Path, key: FeatureKey) -> None:
         self.key = key
         self.dir = root / "features" / key.digest()
-        self.index: dict[str, list[int]] = {}
-        self.features: torch.Tensor | None = None
-        self.read_only = False  # set when writing failed: kept in memory only
-        found = self.dir / "entry"
-        if (found / "state.json").exists() or found.with_name(".entry.old").exists():
+        self.read_only = False  # set when writing failed: new rows stay in this run's memory
+        self.index: dict[str, tuple[list[int], str, int]] = {}  # name -> (stamp, chunk, row)
+        self.chunks: dict[str, int] = {}  # chunk file name -> rows
+        self.dim: int | None = None  # features per row (of the newest chunk)
+        self._scan()
+
+    def _scan(self) -> None:
+        """Read every chunk's header (not its rows); a chunk whose header is bad is skipped."""
+        self.index, self.chunks = {}, {}
+        for path in sorted(self.dir.glob(CHUNK_GLOB)):
             try:
-                tensors, state, _ = read_checkpoint(found)
-                self.features, self.index = _verified(tensors["features"], state)
-            except Exception as exc:  # a damaged cache is recomputed, never trusted
-                import warnings
+                names, stamps, self.dim = _chunk_header(path)
+            except (OSError, ValueError) as exc:
+                _damaged(path, exc)
+                continue
+            self.chunks[path.name] = len(names)
+            for row, (name, stamp) in enumerate(zip(names, stamps, strict=True)):
+                self.index[name] = (stamp, path.name, row)
 
-                warnings.warn(f"feature cache entry {self.dir} is damaged ({exc}); its "
-                              "features are computed again", stacklevel=2)
-                self.features, self.index = None, {}
-
-    def lookup(self, samples: Sequence[Sample]) -> tuple[dict[int, int], list[int]]:
-        """(position -> cached row) for fresh entries, and positions that need computing."""
+    def lookup(self, samples: Sequence[Sample]) -> tuple[dict[int, tuple[str, int]], list[int]]:
+        """(position -> (chunk, row)) for fresh entries, and positions that need computing."""
         from tlreg.data.sources import identity
 
-        hits: dict[int, int] = {}
+        hits: dict[int, tuple[str, int]] = {}
         missing: list[int] = []
         for i, sample in enumerate(samples):
             name, stamp = identity(sample)
             entry = self.index.get(name)
-            if entry is not None and self.features is not None and entry[:2] == stamp:
-                hits[i] = entry[2]
+            if entry is not None and entry[0] == stamp:
+                hits[i] = (entry[1], entry[2])
             else:
                 missing.append(i)
         return hits, missing
 
+    def read(self, hits: dict[int, tuple[str, int]], out: torch.Tensor) -> list[int]:
+        """Copy the hit rows into `out` (rows follow positions), one verified chunk at a time;
+        returns the positions whose chunk turned out damaged or gone, to be computed again."""
+        by_chunk: dict[str, list[tuple[int, int]]] = {}
+        for pos, (chunk, row) in hits.items():
+            by_chunk.setdefault(chunk, []).append((pos, row))
+        lost: list[int] = []
+        for chunk, pairs in sorted(by_chunk.items()):
+            try:
+                rows = _read_chunk(self.dir / chunk, self.chunks.get(chunk))
+                if rows.shape[1] != out.shape[1]:
+                    raise ValueError(f"{rows.shape[1]} features, the entry has {out.shape[1]}")
+            except (OSError, ValueError) as exc:
+                _damaged(self.dir / chunk, exc)
+                lost += [p for p, _ in pairs]
+                continue
+            out[[p for p, _ in pairs]] = rows[[r for _, r in pairs]]
+            del rows  # one chunk in memory at a time
+        return sorted(lost)
+
     def update(self, samples: Sequence[Sample], features: torch.Tensor) -> None:
-        """Add or replace rows for `samples` and write the entry atomically."""
-        import torch
-
-        from tlreg.data.sources import identity
-
-        rows = self.features if self.features is not None else features.new_empty(
-            (0, features.shape[1]))
-        start = rows.shape[0]
-        self.features = torch.cat([rows, features.detach().cpu().float()])
-        for j, sample in enumerate(samples):
-            name, stamp = identity(sample)
-            self.index[name] = [*stamp, start + j]
-        self._compact()
-        if self.read_only:
+        """Add (or replace) the rows of `samples` as new chunks; existing chunks are untouched."""
+        if self.read_only or not samples:
             return
+        from tlreg.data.sources import identity
         from tlreg.lock import FolderLocked, exclusive
 
+        keys = [identity(s) for s in samples]
+        rows = features.detach().cpu().float().contiguous()
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            with exclusive(self.dir):  # one writer per entry: two swaps must not interleave
-                self._write()
+            with exclusive(self.dir):  # one writer per entry: clean-ups must not race appends
+                self._clean_leftovers()
+                for start in range(0, len(keys), CHUNK_ROWS):
+                    part = keys[start:start + CHUNK_ROWS]
+                    self._write_chunk([n for n, _ in part], [s for _, s in part],
+                                      rows[start:start + CHUNK_ROWS])
+                self._scan()  # what other runs added since we looked counts too
+                self._compact()
+                atomic_write_json(self.dir / "meta.json", {
+                    "backbone": self.key.backbone, "weights_sha256": self.key.weights_sha256,
+                    "data_config": dict(self.key.data_config), "entries": len(self.index),
+                })
         except FolderLocked:
             pass  # another run is writing this entry now; ours stays in memory this time
         except OSError as exc:  # full or read-only: the cache is optional, the run goes on
@@ -123,55 +166,128 @@ class FeatureCache:
             warnings.warn(f"feature cache off: cannot write {self.dir} ({exc.strerror}); "
                           "features stay in memory for this run", stacklevel=2)
 
-    def _write(self) -> None:
-        assert self.features is not None
-        save_checkpoint(self.dir / "entry", {"features": self.features},
-                        {"index": self.index, "sha256": _digest(self.features),
-                         "shape": list(self.features.shape)})
-        atomic_write_json(self.dir / "meta.json", {
-            "backbone": self.key.backbone, "weights_sha256": self.key.weights_sha256,
-            "data_config": dict(self.key.data_config), "entries": len(self.index),
-        })
+    def _write_chunk(self, names: list[str], stamps: list[list[int]],
+                     rows: torch.Tensor) -> None:
+        import time
+
+        meta = {"format": CHUNK_FORMAT, "names": json.dumps(names),
+                "stamps": json.dumps(stamps), "sha256": _digest(rows)}
+        # named by time: the newest chunk sorts last and wins
+        path = self.dir / f"chunk-{time.time_ns():020d}-{os.getpid()}.safetensors"
+        with atomic_path(path) as tmp:
+            save_file({"features": rows.contiguous()}, tmp, metadata=meta)
+        self.chunks[path.name] = len(names)
 
     def _compact(self) -> None:
-        """Drop rows no index entry points to (replaced files)."""
-        assert self.features is not None
-        live = sorted({e[2] for e in self.index.values()})
-        if len(live) == self.features.shape[0]:
-            return
-        remap = {old: new for new, old in enumerate(live)}
-        self.features = self.features[live]
-        self.index = {p: [e[0], e[1], remap[e[2]]] for p, e in self.index.items()}
+        """Merge chunks when stale rows (replaced images) outnumber live ones, or past
+        `MAX_CHUNKS` files; otherwise only drop chunks with no live row.
+
+        The merged chunks are written before the old ones are removed, so a crash in between
+        leaves duplicates (identical rows; the newer file wins), never a gap.
+        """
+        import torch
+
+        live: dict[str, list[tuple[str, list[int], int]]] = {c: [] for c in self.chunks}
+        for name, (stamp, chunk, row) in self.index.items():
+            live[chunk].append((name, stamp, row))
+        stale = sum(self.chunks.values()) - len(self.index)
+        old = sorted(self.chunks)
+        if stale > len(self.index) or len(self.chunks) > MAX_CHUNKS:
+            pending: list[tuple[str, list[int], torch.Tensor]] = []
+
+            def flush(count: int) -> None:
+                part = pending[:count]
+                del pending[:count]
+                self._write_chunk([n for n, _, _ in part], [s for _, s, _ in part],
+                                  torch.stack([t for _, _, t in part]))
+
+            for chunk in old:
+                if not live[chunk]:
+                    continue
+                try:
+                    rows = _read_chunk(self.dir / chunk, self.chunks[chunk])
+                except (OSError, ValueError) as exc:
+                    _damaged(self.dir / chunk, exc)
+                    continue
+                pending += [(n, s, rows[r]) for n, s, r in live[chunk]]
+                while len(pending) >= CHUNK_ROWS:
+                    flush(CHUNK_ROWS)
+            if pending:
+                flush(len(pending))
+        else:
+            old = [c for c in old if not live[c]]
+        for chunk in old:
+            (self.dir / chunk).unlink(missing_ok=True)
+        self._scan()
+
+    def _clean_leftovers(self) -> None:
+        """Under the lock nobody else writes here: temporary files are a killed writer's, and
+        the single-file entry of earlier tlreg versions is superseded."""
+        for tmp in self.dir.glob(".chunk-*.tmp"):
+            tmp.unlink(missing_ok=True)
+        for old in ("entry", ".entry.old"):
+            if (self.dir / old).is_dir():
+                shutil.rmtree(self.dir / old, ignore_errors=True)
 
 
 def _digest(features: torch.Tensor) -> str:
     return hashlib.sha256(features.contiguous().numpy().tobytes()).hexdigest()
 
 
-def _verified(features: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor,
-                                                                      dict[str, list[int]]]:
-    """The entry's features and index, or ValueError saying what is wrong with them.
+def _damaged(path: Path, exc: Exception) -> None:
+    import warnings
 
-    The checksum catches flipped bytes that safetensors reads without complaint; the shape,
-    finiteness and index checks catch an entry whose parts do not belong together.
+    warnings.warn(f"feature cache chunk {path} is damaged ({exc}); its images' features are "
+                  "computed again", stacklevel=3)
+
+
+def _chunk_header(path: Path) -> tuple[list[str], list[list[int]], int]:
+    """(names, stamps, features per row) of a chunk from its header alone, or ValueError.
+
+    The file's size must be exactly what the header describes: a truncated chunk (a full disk,
+    a copy cut short) is caught here, before any of its rows is counted as cached.
     """
-    import torch
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("truncated header")
+        size = int.from_bytes(head, "little")
+        if not 2 <= size <= MAX_HEADER_BYTES:
+            raise ValueError(f"header of {size} bytes")
+        header = json.loads(f.read(size))
+    meta, spec = header.get("__metadata__") or {}, header.get("features")
+    if meta.get("format") != CHUNK_FORMAT or not isinstance(spec, dict):
+        raise ValueError(f"not a {CHUNK_FORMAT} chunk")
+    names, stamps = json.loads(meta["names"]), json.loads(meta["stamps"])
+    shape, (begin, end) = spec["shape"], spec["data_offsets"]
+    if spec.get("dtype") != "F32" or len(shape) != 2 or shape[0] != len(names) or not names:
+        raise ValueError(f"shape {shape} for {len(names)} images")
+    if len(stamps) != len(names) or not all(
+            isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) for v in s)
+            for s in stamps) or not all(isinstance(n, str) for n in names):
+        raise ValueError("its image list does not match its rows")
+    if end - begin != 4 * shape[0] * shape[1] or path.stat().st_size != 8 + size + end:
+        raise ValueError(f"{path.stat().st_size} bytes on disk, the header describes "
+                         f"{8 + size + end} (truncated?)")
+    return names, stamps, shape[1]
 
-    if state.get("sha256") is None:
-        raise ValueError("no checksum (written by an older tlreg)")
-    if features.dim() != 2 or list(features.shape) != state.get("shape"):
-        raise ValueError(f"shape {list(features.shape)}, recorded {state.get('shape')}")
-    if _digest(features) != state["sha256"]:
+
+def _read_chunk(path: Path, rows: int | None) -> torch.Tensor:
+    """A chunk's features, or ValueError: the checksum catches flipped bytes that safetensors
+    reads without complaint, the finiteness check a chunk written from a diverged model."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        features = f.get_tensor("features")
+    if features.dim() != 2 or (rows is not None and features.shape[0] != rows):
+        raise ValueError(f"shape {list(features.shape)}, {rows} rows recorded")
+    if _digest(features) != meta.get("sha256"):
         raise ValueError("checksum mismatch")
     if not bool(torch.isfinite(features).all()):
         raise ValueError("non-finite features")
-    index = state.get("index")
-    rows = features.shape[0]
-    if not isinstance(index, dict) or not all(
-            isinstance(e, list) and len(e) == 3 and all(isinstance(v, int) for v in e)
-            and 0 <= e[2] < rows for e in index.values()):
-        raise ValueError("index does not match the features")
-    return features, index
+    return features
 
 
 def cached_features(samples: Sequence[Sample], compute: Callable[[list[int]], tuple[
@@ -181,21 +297,44 @@ def cached_features(samples: Sequence[Sample], compute: Callable[[list[int]], tu
     `compute(positions)` runs the backbone on those samples and returns their features (in
     order, undecodable ones left out) and the failed positions. Failed files are not cached.
     """
-    hits, missing = cache.lookup(samples) if cache is not None else ({}, list(range(len(samples))))
+    import torch
+
+    if cache is None or not samples:
+        new, failed = compute(list(range(len(samples))))
+        return new.float(), failed
+    hits, missing = cache.lookup(samples)
+    out = torch.empty(len(samples), cache.dim) if hits and cache.dim else None
+    if out is not None:
+        missing = sorted(missing + cache.read(hits, out))
     failed: list[int] = []
     if missing:
         new, failed = compute(missing)
-        if cache is None:  # everything was computed, in order
-            return new.float(), failed
         bad = set(failed)
         ok = [i for i in missing if i not in bad]
+        if not ok and out is None:  # nothing cached and nothing decodable
+            return new.float(), failed
         if ok:
             cache.update([samples[i] for i in ok], new)
-        hits, _ = cache.lookup(samples)
-    assert cache is not None
-    if cache.features is None:  # nothing cached and nothing decodable
-        return new.float(), failed
-    return cache.features[[hits[i] for i in range(len(samples)) if i in hits]], failed
+            if out is None:
+                out = torch.empty(len(samples), new.shape[1])
+            out[ok] = new.float()
+    assert out is not None
+    if failed:
+        bad = set(failed)
+        out = out[[i for i in range(len(samples)) if i not in bad]]
+    return out, failed
+
+
+def chunk_entries(folder: Path) -> dict[str, list[int]]:
+    """name -> stamp of every image a feature-cache entry folder holds (newest chunk wins)."""
+    found: dict[str, list[int]] = {}
+    for path in sorted(Path(folder).glob(CHUNK_GLOB)):
+        try:
+            names, stamps, _ = _chunk_header(path)
+        except (OSError, ValueError):
+            continue
+        found.update(zip(names, stamps, strict=True))
+    return found
 
 
 def list_entries(root: Path | None = None) -> list[dict[str, Any]]:

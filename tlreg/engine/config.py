@@ -82,7 +82,7 @@ class TrainConfig:
     drop_path: float | None = None  # the backbone's stochastic depth while it trains
     cache: bool = True
     cache_dir: str | None = None
-    decoded_cache: str = "auto"  # auto: memory when the backbone trains and it fits
+    decoded_cache: str = "auto"  # auto: memory within the budget, else disk, else off
     decoded_cache_gb: float = 4.0
     device: str = "auto"
     precision: str = "auto"

@@ -70,11 +70,12 @@ class Inputs:
     # -- decoding once -----------------------------------------------------------------------
 
     def decoded_mode(self) -> str:
-        """`--decoded-cache` resolved: off when the cache cannot give exact eval inputs."""
+        """`--decoded-cache`, off when the cache cannot give exact eval inputs (`auto` is
+        resolved per use: `prepare` sizes the data set, the feature pass's chunks are memory)."""
         from tlreg.data.decoded import unsupported
 
         cfg = self.config
-        mode = "memory" if cfg.decoded_cache == "auto" else cfg.decoded_cache
+        mode = cfg.decoded_cache
         why = unsupported(self.data_config) if mode != "off" else None
         if why is not None:
             if cfg.decoded_cache != "auto" and not self._said_off:
@@ -83,13 +84,42 @@ class Inputs:
             return "off"
         return mode
 
-    def decode_images(self, samples: Sequence[Sample], mode: str) -> DecodedImages | None:
+    def decode_images(self, samples: Sequence[Sample], mode: str,
+                      need: int | None = None) -> DecodedImages | None:
         """`decode_all` with this run's budget, workers and cache folder; None over budget."""
         from tlreg.data.decoded import decode_all
 
         cfg = self.config
-        return decode_all(samples, self.data_config, mode=mode, workers=cfg.workers,
-                          max_bytes=int(cfg.decoded_cache_gb * 2**30), cache_dir=cfg.cache_dir)
+        return decode_all(samples, self.data_config, mode="memory" if mode == "auto" else mode,
+                          workers=cfg.workers, max_bytes=int(cfg.decoded_cache_gb * 2**30),
+                          cache_dir=cfg.cache_dir, need=need)
+
+    def choose_decoded_mode(self, data: DataSplit) -> tuple[str, list[int]]:
+        """`auto` for the whole run, decided before any decoding from the image headers, and
+        said in one line when it is not `memory`; returns (mode, decoded bytes of train, val)."""
+        from tlreg.data.decoded import (
+            choose_mode,
+            disk_folder,
+            estimate_bytes,
+            free_bytes,
+            short_side_for,
+        )
+
+        cfg = self.config
+        short = short_side_for(self.data_config)
+        need = [estimate_bytes(data.train, short), estimate_bytes(data.val, short)]
+        folder = disk_folder(data.train, self.data_config, cfg.cache_dir)
+        budget = int(cfg.decoded_cache_gb * 2**30)
+        mode = choose_mode(sum(need), budget, free_bytes(folder))
+        gib = f"{sum(need) / 2**30:.2f} GiB decoded, over the {budget / 2**30:.2f} GiB memory " \
+              "budget (--decoded-cache-gb)"
+        if mode == "disk":
+            self.say(f"decoded-image cache: {gib}: memory-mapped on disk under "
+                     f"{folder.parent}")
+        elif mode == "off":
+            self.say(f"decoded-image cache off: {gib} and more than half the free disk under "
+                     f"{folder.parent}; images are decoded every epoch")
+        return mode, need
 
     def prepare(self, data: DataSplit, augment: Augment) -> None:
         """Transforms for the image passes, and the decoded-image caches when they apply."""
@@ -112,9 +142,15 @@ class Inputs:
                      "training images are decoded and augmented one at a time by timm's "
                      "transform")
             return
+        need: list[int | None] = [None, None]
+        if mode == "auto":
+            mode, sizes = self.choose_decoded_mode(data)
+            need = [*sizes]
+            if mode == "off":
+                return
         t0 = time.perf_counter()
-        train = self.decode_images(data.train, mode)
-        val = self.decode_images(data.val, mode) if train is not None else None
+        train = self.decode_images(data.train, mode, need[0])
+        val = self.decode_images(data.val, mode, need[1]) if train is not None else None
         if train is None or val is None:
             return
         self.decoded_train, self.decoded_val = train, val
