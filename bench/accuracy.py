@@ -70,18 +70,19 @@ def reference(data: Path, cache: Path, seed: int) -> dict[str, Any]:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from tlreg._io import read_checkpoint
-    from tlreg.data.sources import open_source
+    from tlreg.data.features import CHUNK_GLOB, load_entry
+    from tlreg.data.sources import identity, open_source
 
     split = open_source(data, None, 0)
-    entries = list((cache / "features").glob("*/entry"))
+    entries = [d for d in (cache / "features").glob("*") if any(d.glob(CHUNK_GLOB))]
     assert len(entries) == 1, entries
-    tensors, state, _ = read_checkpoint(entries[0])
-    feats, index = tensors["features"].numpy(), state["index"]
+    names, rows = load_entry(entries[0])
+    feats, index = rows.numpy(), {n: i for i, n in enumerate(names)}
 
     def xy(samples: Any) -> tuple[Any, Any]:
-        rows = [(index[s.path][2], s.label) for s in samples if s.path in index]
-        return feats[[r for r, _ in rows]], np.array([y for _, y in rows])
+        keys = [(identity(s)[0], s.label) for s in samples]
+        pairs = [(index[k], y) for k, y in keys if k in index]
+        return feats[[r for r, _ in pairs]], np.array([y for _, y in pairs])
 
     x_train, y_train = xy(split.train)
     x_val, y_val = xy(split.val)

@@ -258,3 +258,23 @@ def test_an_entry_being_written_by_another_process_is_left_to_it(tmp_path: Path)
     run(data, tmp_path / "third", cache)  # free again: the new image is written
     after = files()
     assert after[:len(before)] == before and len(after) == len(before) + 1  # appended
+
+
+def test_load_entry_reads_every_verified_row_and_skips_a_damaged_chunk(
+        primed: tuple[Path, Path, torch.Tensor]) -> None:
+    from safetensors import safe_open
+
+    from tlreg.data.features import load_entry
+
+    _data, cache, _head = primed
+    folder = entry(cache).parent
+    names, rows = load_entry(folder)
+    assert rows.shape[0] == len(names) == 18 and len(set(names)) == 18
+    with safe_open(str(entry(cache)), framework="pt") as f:
+        first = json.loads(f.metadata()["names"])[0]
+        expected = f.get_tensor("features")[0]
+    assert torch.equal(rows[names.index(first)], expected)
+    _damage_bytes(entry(cache), 0)
+    names, rows = load_entry(folder)
+    assert len(names) == rows.shape[0] == 6  # only the val chunk is left
+    assert first not in names

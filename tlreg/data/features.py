@@ -337,6 +337,23 @@ def chunk_entries(folder: Path) -> dict[str, list[int]]:
     return found
 
 
+def load_entry(folder: Path) -> tuple[list[str], torch.Tensor]:
+    """Every image of an entry folder and its features (rows follow names; newest chunk wins),
+    for tools that read a cache outside a run (the accuracy suite's scikit-learn reference)."""
+    import torch
+
+    rows: dict[str, torch.Tensor] = {}
+    for path in sorted(Path(folder).glob(CHUNK_GLOB)):
+        try:
+            names, _, _ = _chunk_header(path)
+            features = _read_chunk(path, len(names))
+        except (OSError, ValueError):
+            continue
+        rows.update(zip(names, features, strict=True))
+    names = list(rows)
+    return names, torch.stack([rows[n] for n in names]) if rows else torch.empty(0, 0)
+
+
 def list_entries(root: Path | None = None) -> list[dict[str, Any]]:
     """For `tlreg cache ls`: every entry of both caches tlreg writes, with its size on disk.
 
