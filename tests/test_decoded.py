@@ -181,3 +181,50 @@ def test_training_with_decoded_cache_is_deterministic(tmp_path: Path) -> None:
 
     a, b = run("a"), run("b")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stream_batches_are_the_memory_cache_batches(photos: Path, tmp_path: Path) -> None:
+    """Decoded again in a worker process, in the epoch's order, an unreadable file skipped:
+    the same batches, bit for bit, as cut from the in-memory cache."""
+    from tlreg.data.decoded import stream_batches
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    samples = _samples(photos)
+    samples.insert(3, Sample(str(broken), 0))
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0)).tolist()
+    tf = BatchAugment(CFG, reprob=0.25)
+    memory = decode_all(samples, CFG, mode="memory", workers=0, max_bytes=2**30)
+    assert memory is not None and memory.failed == [3]
+    ok = [i for i in order if memory.images[i] is not None]
+    want = [(tf([memory.images[j] for j in ok[k:k + 5]], ok[k:k + 5], 7), ok[k:k + 5])
+            for k in range(0, len(ok), 5)]
+    failed: set[int] = set()
+    got = list(stream_batches(samples, order, CFG, tf, batch_size=5, seed=7, workers=1,
+                              failed=failed))
+    assert failed == {3} and [i for _, i in got] == [i for _, i in want]
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(got, want, strict=True))
+
+
+def test_stream_mode_writes_no_cache_and_trains_what_memory_gives(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--decoded-cache stream`: said once, no cache written, and the weights the memory cache
+    gives (same batches, same augmentation), an unreadable training file skipped by both."""
+    data = colour_folder(tmp_path / "data", per_class=5, val_per_class=2)
+    (data / "train" / "red" / "broken.png").write_bytes(b"not a png")
+
+    def run(name: str, **kw: object) -> dict[str, torch.Tensor]:
+        cfg = TrainConfig(data=str(data), out=str(tmp_path / name), backbone="timm:test_resnet",
+                          pretrained=False, policy="finetune", img_size=32, epochs=2,
+                          batch_size=4, workers=0, quiet=False, cache_dir=str(tmp_path / "c"),
+                          **kw)
+        with pytest.warns(UserWarning, match="skipped unreadable image .*broken.png"):
+            return fit(cfg).model.state_dict()
+
+    ram = run("ram", decoded_cache="memory")
+    capsys.readouterr()
+    streamed = run("stream", decoded_cache="stream", decoded_cache_gb=1e-6)
+    out = capsys.readouterr().out
+    assert out.count("decoded again every epoch") == 1
+    assert not (tmp_path / "c" / "decoded").exists()
+    assert all(torch.equal(ram[k], streamed[k]) for k in ram)

@@ -286,8 +286,8 @@ def train(
     decoded_cache: str | None = typer.Option(
         None,
         "--decoded-cache",
-        help="Decode images once: auto (memory within --decoded-cache-gb, else disk), off, "
-        "memory, disk.",
+        help="Decode images once: auto (memory within --decoded-cache-gb, else disk, else "
+        "off), off, memory, disk; stream decodes every epoch and gives memory's batches.",
     ),
     decoded_cache_gb: float | None = typer.Option(
         None, "--decoded-cache-gb", help="Memory budget for the decoded-image cache (GiB)."

@@ -15,10 +15,11 @@ training images take timm's per-image path (`batch_unsupported`).
 
 `disk` streams the tensors into a memory-mapped file under the cache directory as they are
 decoded (one image in memory at a time), keyed by the file list (paths, sizes, mtimes) and the
-resize, so the next run skips decoding too. `auto` chooses before it starts, from the decoded
-size read off the image headers: memory within `--decoded-cache-gb`, else disk where it takes at
-most half the free space (`choose_mode`). When neither fits, the cache says so once and the
-trainer falls back to the ordinary pipeline.
+resize, so the next run skips decoding too. `stream` keeps nothing: every epoch decodes again in
+worker processes, a few images ahead, and the batches are those of the cache (`stream`), so a
+run too large for memory and disk trains exactly as a `memory` run would. `auto` chooses before
+it starts, from the decoded size read off the image headers: memory within `--decoded-cache-gb`,
+else disk where it takes at most half the free space, else off (`choose_mode`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import hashlib
 import json
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from tlreg.data.augment import Augment
     from tlreg.data.sources import Sample
 
-MODES = ("off", "memory", "disk")
+MODES = ("off", "memory", "disk", "stream")
 
 
 def short_side_for(data_config: dict[str, Any]) -> int:
@@ -87,18 +88,23 @@ def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
 
 
 class _DecodeDataset:
-    def __init__(self, samples: Sequence[Sample], short_side: int, interpolation: str) -> None:
+    """Item k: (uint8 CHW array or None, i) for sample i = order[k] (every sample by default)."""
+
+    def __init__(self, samples: Sequence[Sample], short_side: int, interpolation: str,
+                 order: Sequence[int] | None = None) -> None:
         self.samples, self.short_side, self.interpolation = samples, short_side, interpolation
+        self.order = order
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.samples if self.order is None else self.order)
 
-    def __getitem__(self, i: int) -> tuple[Any, int]:
+    def __getitem__(self, k: int) -> tuple[Any, int]:
         import numpy as np
         from PIL import Image
 
         from tlreg.data.images import load_sample
 
+        i = k if self.order is None else self.order[k]
         try:
             img = load_sample(self.samples[i])
         except Exception:
@@ -143,12 +149,54 @@ DISK_SHARE = 0.5  # `auto` puts the decoded images on disk only where they take 
 
 def choose_mode(need: int, memory_budget: int, disk_free: int) -> str:
     """`--decoded-cache auto` for a data set whose decoded images take `need` bytes: in memory
-    within the budget, else memory-mapped on disk where it leaves room, else off."""
+    within the budget, else memory-mapped on disk where it leaves room, else off: timm's
+    per-image pipeline, which on 2 cores ran 1.4x `stream` (figure 3 of docs/benchmarks.md)."""
     if need <= memory_budget:
         return "memory"
     if need <= DISK_SHARE * disk_free:
         return "disk"
     return "off"
+
+
+def stream(samples: Sequence[Sample], order: Sequence[int], data_config: dict[str, Any], *,
+           workers: int) -> Iterator[tuple[int, torch.Tensor | None]]:
+    """(i, uint8 CHW tensor or None) for each sample i of `order`, in that order, decoded and
+    resized as the cache stores them by `workers` processes while the caller uses the last.
+
+    `stream` mode: the data set fits neither the memory budget nor the disk, so each epoch
+    decodes again, a few images ahead of the training step, and keeps the batched augmentation;
+    the tensors, and so the batches, are those `memory` mode would give.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    dataset = _DecodeDataset(samples, short_side_for(data_config),
+                             data_config.get("interpolation", "bicubic"), order)
+    loader = DataLoader(dataset, batch_size=1, num_workers=workers, collate_fn=_first,
+                        prefetch_factor=8 if workers else None)
+    for array, i in loader:
+        yield i, None if array is None else torch.from_numpy(array)
+
+
+def stream_batches(samples: Sequence[Sample], order: Sequence[int], data_config: dict[str, Any],
+                   transform: BatchAugment | BatchEval, *, batch_size: int, seed: int,
+                   workers: int, failed: set[int]) -> Iterator[tuple[torch.Tensor, list[int]]]:
+    """`stream`'s batches: (transformed images, their sample indices), `batch_size` decodable
+    images each, as `memory` mode cuts them from the same order; adds undecodable ones to
+    `failed`."""
+    images: list[torch.Tensor] = []
+    idx: list[int] = []
+    for i, image in stream(samples, order, data_config, workers=workers):
+        if image is None:
+            failed.add(i)
+            continue
+        images.append(image)
+        idx.append(i)
+        if len(idx) == batch_size:
+            yield transform(images, idx, seed), idx
+            images, idx = [], []
+    if idx:
+        yield transform(images, idx, seed), idx
 
 
 def disk_folder(samples: Sequence[Sample], data_config: dict[str, Any],
@@ -452,11 +500,12 @@ class BatchEval:
 
 def benchmark_pipeline(data_dir: str | Path, data_config: dict[str, Any], *, epochs: int = 3,
                        batch_size: int = 32, workers: int = 2, decoded_cache: bool = True,
-                       augment: bool = True) -> list[float]:
+                       augment: bool = True, streamed: bool = False) -> list[float]:
     """Images/s of tlreg's training data pipeline alone (no model), per epoch.
 
     With `decoded_cache` the first epoch includes the one decode pass; later epochs only crop
-    and augment tensors. Without it, every epoch runs the DataLoader over the files.
+    and augment tensors. `streamed`: `stream` mode, every epoch decodes in the workers and
+    augments batches. Without either, every epoch runs the DataLoader over the files.
     """
     import time
 
@@ -471,7 +520,13 @@ def benchmark_pipeline(data_dir: str | Path, data_config: dict[str, Any], *, epo
     for epoch in range(epochs):
         t0 = time.perf_counter()
         n = 0
-        if decoded_cache:
+        if streamed:
+            tf = BatchAugment(data_config) if augment else BatchEval(data_config)
+            for batch, _ in stream_batches(samples, torch.randperm(len(samples)).tolist(),
+                                           data_config, tf, batch_size=batch_size, seed=epoch,
+                                           workers=workers, failed=set()):
+                n += len(batch)
+        elif decoded_cache:
             if decoded is None:
                 decoded = decode_all(samples, data_config, mode="memory", workers=workers,
                                      max_bytes=2**40)

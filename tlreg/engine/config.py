@@ -124,7 +124,7 @@ class TrainConfig:
         _choice("sampler", self.sampler, SAMPLERS)
         _choice("precision", self.precision, PRECISIONS)
         _choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
-        _choice("decoded_cache", self.decoded_cache, ("auto", "off", "memory", "disk"))
+        _choice("decoded_cache", self.decoded_cache, ("auto", "off", "memory", "disk", "stream"))
         check_device(self.device)
         for name in self.log:
             _choice("log", name, tuple(LOGGERS))

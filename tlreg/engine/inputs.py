@@ -52,6 +52,8 @@ class Inputs:
         self.skipped: set[str] = set()
         self.decoded_train: DecodedImages | None = None
         self.decoded_val: DecodedImages | None = None
+        self.streamed = False  # `stream` mode: decoded every epoch, batches augmented as cached
+        self._unreadable: dict[bool, set[int]] = {True: set(), False: set()}  # met by streaming
         self._extract: torch.nn.Module | None = None  # the feature pass's folded backbone
         self._said_off = False  # an explicit --decoded-cache that cannot apply, said once
         self._labels_of: dict[tuple[int, int, bool], tuple[torch.Tensor, list[float] | None]] = {}
@@ -90,7 +92,8 @@ class Inputs:
         from tlreg.data.decoded import decode_all
 
         cfg = self.config
-        return decode_all(samples, self.data_config, mode="memory" if mode == "auto" else mode,
+        mode = "memory" if mode in ("auto", "stream") else mode  # a chunk of a feature pass
+        return decode_all(samples, self.data_config, mode=mode,
                           workers=cfg.workers, max_bytes=int(cfg.decoded_cache_gb * 2**30),
                           cache_dir=cfg.cache_dir, need=need)
 
@@ -148,20 +151,27 @@ class Inputs:
             need = [*sizes]
             if mode == "off":
                 return
-        t0 = time.perf_counter()
-        train = self.decode_images(data.train, mode, need[0])
-        val = self.decode_images(data.val, mode, need[1]) if train is not None else None
-        if train is None or val is None:
-            return
-        self.decoded_train, self.decoded_val = train, val
-        self.runtime.set_threads(loader_workers=0)  # from here on no worker process decodes
-        self.note_skipped([data.train[i].path for i in train.failed]
-                          + [data.val[i].path for i in val.failed])
         self.train_batch_tf = BatchAugment(
             self.data_config, scale=(augment.crop_scale, 1.0) if augment.crop_scale else None,
             hflip=augment.hflip, jitter=augment.color_jitter, reprob=augment.reprob,
         ) if cfg.augment else BatchEval(self.data_config)
         self.eval_batch_tf = BatchEval(self.data_config)
+        t0 = time.perf_counter()
+        train = val = None
+        if mode != "stream":
+            train = self.decode_images(data.train, mode, need[0])
+            val = self.decode_images(data.val, mode, need[1]) if train is not None else None
+        if mode == "stream":
+            self.streamed = True
+            self.say("decoded-image cache: stream (decoded again every epoch, augmented in "
+                     "batches)")
+            return
+        if train is None or val is None:  # over budget or unwritable (said): the per-image path
+            return
+        self.decoded_train, self.decoded_val = train, val
+        self.runtime.set_threads(loader_workers=0)  # from here on no worker process decodes
+        self.note_skipped([data.train[i].path for i in train.failed]
+                          + [data.val[i].path for i in val.failed])
         self.say(f"decoded {len(data.train) + len(data.val)} images once "
                  f"in {time.perf_counter() - t0:.1f}s ({mode})")
 
@@ -212,6 +222,8 @@ class Inputs:
                            torch.tensor(idx))
 
             return math.ceil(len(order) / cfg.batch_size), from_cache()
+        if self.streamed:
+            return self._streamed_batches(samples, sampler, labels, train=train, seed=seed)
         tf = self.train_tf if train else self.val_tf
         loader = make_loader(samples, tf, batch_size=cfg.batch_size, shuffle=train, seed=seed,
                              workers=cfg.workers,
@@ -225,6 +237,26 @@ class Inputs:
                     yield batch.images, batch.labels, batch.indices
 
         return len(loader), from_files()
+
+    def _streamed_batches(self, samples: Sequence[Sample], sampler: Any, labels: torch.Tensor,
+                          *, train: bool, seed: int) -> tuple[int, Batches]:
+        """`stream` mode: the cache's batches, decoded again in the workers for this pass."""
+        import torch
+
+        from tlreg.data.decoded import stream_batches
+
+        unreadable = self._unreadable[train]
+        order = [i for i in sampler if i not in unreadable]
+        transform = self.train_batch_tf if train else self.eval_batch_tf
+
+        def streamed() -> Batches:
+            for images, idx in stream_batches(samples, order, self.data_config, transform,
+                                              batch_size=self.config.batch_size, seed=seed,
+                                              workers=self.config.workers, failed=unreadable):
+                yield images, labels[idx], torch.tensor(idx)
+            self.note_skipped([samples[i].path for i in sorted(unreadable)])
+
+        return math.ceil(len(order) / self.config.batch_size), streamed()
 
     def evaluate(self, model: TransferModel, samples: Sequence[Sample],
                  smoothing: float) -> Evaluation:
@@ -302,9 +334,11 @@ class Inputs:
         def batches(subset: list[Sample]) -> Iterator[tuple[torch.Tensor | None, list[int]]]:
             """(eval-transformed images or None, positions in `subset` that failed to decode)."""
             step = chunk or max(1, len(subset))
+            decode = chunk is not None
             for start in range(0, len(subset), step):
                 part = subset[start:start + step]
-                decoded = self.decode_images(part, mode) if chunk else None
+                decoded = self.decode_images(part, mode) if decode else None
+                decode = decoded is not None  # over the budget once (said): not every chunk
                 if decoded is None:
                     rt.set_threads(loader_workers=cfg.workers)
                     loader = make_loader(part, transform, batch_size=cfg.batch_size,
