@@ -53,6 +53,11 @@ def test_rule_keeps_the_strongest_views_the_probe_survives() -> None:
     a = choose(clean=1.0, crops={0.08: 0.5, 0.25: KEEP_CROPS}, flipped=1.0,
                jitters={0.4: 0.95}, images=100)
     assert (a.crop_scale, a.hflip, a.color_jitter) == (0.25, TIMM.hflip, 0.4)
+    assert a.reason.startswith("crops down to 25% of the image, flips, colour jitter 0.4")
+    whole = choose(clean=1.0, crops={0.08: 0.5, 0.25: 0.5, 0.5: 0.5, 1.0: 1.0}, flipped=1.0,
+                   jitters={}, images=100)
+    assert whole.crop_scale == 1.0
+    assert whole.reason.startswith("crops of the whole image (aspect-ratio jitter only)")
     a = choose(clean=0.8, crops={0.08: 0.8 * KEEP_CROPS - 0.01, 0.25: 0.1, 0.5: 0.2, 1.0: 0.7},
                flipped=0.8 * KEEP_FLIPS - 0.01, jitters={0.4: 0.5, 0.2: 0.75}, images=100)
     assert (a.crop_scale, a.hflip, a.color_jitter) == (0.0, 0.0, 0.2)

@@ -201,7 +201,9 @@ def choose(*, clean: float, crops: dict[float, float], flipped: float,
     measured = {"images": images, "clean_accuracy": clean, "flipped_accuracy": flipped,
                 "crop_accuracy": {str(s): a for s, a in crops.items()},
                 "jitter_accuracy": {str(j): a for j, a in jitters.items()}}
-    kept = [f"crops down to {scale:g} of the image" if scale else "no random crops",
+    crop = ("no random crops" if not scale else f"crops down to {scale:.0%} of the image"
+            if scale < 1 else "crops of the whole image (aspect-ratio jitter only)")
+    kept = [crop,
             "flips" if hflip else "no flips", f"colour jitter {jitter:g}" if jitter
             else "no colour jitter"]
     reason = (f"{', '.join(kept)}: the views the probe still labels right (>= "
