@@ -119,7 +119,8 @@ def audit(data: str | os.PathLike[str] | DataSplit, *, backbone: str | None = No
           duplicate_threshold: float = DUPLICATE_THRESHOLD, outlier_z: float = OUTLIER_Z,
           min_side: int = MIN_SIDE, label_issues: bool | None = None, pretrained: bool = True,
           weights: str | None = None, img_size: int | None = None, cache: bool = True,
-          cache_dir: str | None = None, device: str = "auto", batch_size: int = 64,
+          cache_dir: str | None = None, feature_dtype: str = "float32", device: str = "auto",
+          batch_size: int = 64,
           workers: int = 2, say: Callable[[str], None] = lambda _: None) -> AuditReport:
     """Audit the data set at `data` (any source `tlreg train` reads, or a DataSplit).
 
@@ -138,7 +139,8 @@ def audit(data: str | os.PathLike[str] | DataSplit, *, backbone: str | None = No
     where = str(split.info.get("location", "")) if isinstance(data, DataSplit) else str(data)
     features = dataset_features(split, name, pretrained=pretrained, weights=weights,
                                 img_size=img_size, cache=cache, cache_dir=cache_dir,
-                                device=device, batch_size=batch_size, workers=workers, say=say)
+                                feature_dtype=feature_dtype, device=device,
+                                batch_size=batch_size, workers=workers, say=say)
     return audit_features(split, features, data=where, folds=folds, seed=seed,
                           duplicate_threshold=duplicate_threshold, outlier_z=outlier_z,
                           min_side=min_side, label_issues=label_issues)

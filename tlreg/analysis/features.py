@@ -46,13 +46,15 @@ class DatasetFeatures:
 
 def dataset_features(data: DataSplit, backbone: str, *, pretrained: bool = True,
                      weights: str | None = None, img_size: int | None = None,
-                     cache: bool = True, cache_dir: str | None = None, device: str = "auto",
+                     cache: bool = True, cache_dir: str | None = None,
+                     feature_dtype: str = "float32", device: str = "auto",
                      batch_size: int = 64, workers: int = 2,
                      say: Callable[[str], None] = lambda _: None,
                      model: TransferModel | None = None) -> DatasetFeatures:
     """`backbone`'s features of `data.train` and `data.val` (cached as training caches them).
 
-    `model` reuses an already built model of that backbone (its head is ignored).
+    `model` reuses an already built model of that backbone (its head is ignored);
+    `feature_dtype`: how the cache stores them (tlreg.data.features.FEATURE_DTYPES).
     """
     import torch
 
@@ -67,7 +69,8 @@ def dataset_features(data: DataSplit, backbone: str, *, pretrained: bool = True,
     config = TrainConfig(data=str(data.info.get("location", "")), out="", backbone=backbone,
                          pretrained=pretrained, weights=weights, batch_size=batch_size,
                          workers=workers, device=device, img_size=img_size, cache=cache,
-                         cache_dir=cache_dir, policy="feature-extract")
+                         cache_dir=cache_dir, feature_dtype=feature_dtype,
+                         policy="feature-extract")
     if model is None:
         # the head goes unused; create_model wants 2 classes or more
         model = create_model(backbone, max(2, len(data.classes)), policy="feature-extract",
@@ -84,7 +87,7 @@ def dataset_features(data: DataSplit, backbone: str, *, pretrained: bool = True,
     if cache:
         key = FeatureKey.of(backbone, weights_sha256(model.backbone.state_dict()), data_config,
                             build_transform(data_config, train=False))
-        store = FeatureCache(cache_root(cache_dir), key)
+        store = FeatureCache(cache_root(cache_dir), key, config.feature_dtype)
     inputs = Inputs(config, data_config, runtime, say)
     t0 = time.perf_counter()
     x_train, y_train = inputs.features(model, list(data.train), store)

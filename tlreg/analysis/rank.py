@@ -212,8 +212,9 @@ def _names(entry: str) -> list[str]:
 def rank(data: str | os.PathLike[str] | DataSplit, backbones: str | Sequence[str], *,
          random_init: bool = False, folds: int = 5, seed: int = 0,
          budget: float | None = None, pretrained: bool = True, img_size: int | None = None,
-         cache: bool = True, cache_dir: str | None = None, device: str = "auto",
-         batch_size: int = 64, workers: int = 2, val_split: float | None = None,
+         cache: bool = True, cache_dir: str | None = None, feature_dtype: str = "float32",
+         device: str = "auto", batch_size: int = 64, workers: int = 2,
+         val_split: float | None = None,
          source_args: Mapping[str, Any] | None = None,
          say: Callable[[str], None] = lambda _: None) -> Ranking:
     """Score every backbone `backbones` expands to (see `expand`) on `data`, best first.
@@ -238,8 +239,9 @@ def rank(data: str | os.PathLike[str] | DataSplit, backbones: str | Sequence[str
              else os.fspath(data))
     _check_data(split, where)
     rows = [_score(c, split, folds=folds, seed=seed, budget=budget, img_size=img_size,
-                   cache=cache, cache_dir=cache_dir, device=device, batch_size=batch_size,
-                   workers=workers, say=say) for c in candidates]
+                   cache=cache, cache_dir=cache_dir, feature_dtype=feature_dtype,
+                   device=device, batch_size=batch_size, workers=workers, say=say)
+            for c in candidates]
     order = {"ranked": 0, "skipped": 1, "failed": 2}
     rows.sort(key=lambda r: (order[r.status], -_or(r.cv_accuracy), -_or(r.logme)))
     return Ranking(data=where, classes=tuple(split.classes), train_images=len(split.train),
@@ -262,8 +264,9 @@ def _check_data(split: DataSplit, where: str) -> None:
 
 
 def _score(c: Candidate, split: DataSplit, *, folds: int, seed: int, budget: float | None,
-           img_size: int | None, cache: bool, cache_dir: str | None, device: str,
-           batch_size: int, workers: int, say: Callable[[str], None]) -> BackboneScore:
+           img_size: int | None, cache: bool, cache_dir: str | None, feature_dtype: str,
+           device: str, batch_size: int, workers: int,
+           say: Callable[[str], None]) -> BackboneScore:
     from tlreg.analysis.features import dataset_features
     from tlreg.engine.runtime import seed_everything
     from tlreg.models.transfer import create_model
@@ -281,7 +284,7 @@ def _score(c: Candidate, split: DataSplit, *, folds: int, seed: int, budget: flo
     row = _replace(row, params=params, feature_dim=model.feature_dim,
                    build_seconds=time.perf_counter() - t0)
     samples = [*split.train, *split.val]
-    missing = _uncached(model, c.backbone, samples, img_size, cache, cache_dir)
+    missing = _uncached(model, c.backbone, samples, img_size, cache, cache_dir, feature_dtype)
     row = _replace(row, computed_images=len(missing))
     if budget is not None:
         estimate = _estimate(model, missing, img_size, device)
@@ -294,7 +297,8 @@ def _score(c: Candidate, split: DataSplit, *, folds: int, seed: int, budget: flo
     say(f"{c.label}: features of {len(split.train)} train + {len(split.val)} val images "
         f"({len(samples) - len(missing)} cached)")
     feats = dataset_features(split, c.backbone, pretrained=c.pretrained, img_size=img_size,
-                             cache=cache, cache_dir=cache_dir, device=device,
+                             cache=cache, cache_dir=cache_dir, feature_dtype=feature_dtype,
+                             device=device,
                              batch_size=batch_size, workers=workers, say=say, model=model)
     del model
     row = _replace(row, feature_seconds=feats.seconds)
@@ -317,7 +321,8 @@ def _replace(row: BackboneScore, **changes: Any) -> BackboneScore:
 
 
 def _uncached(model: TransferModel, backbone: str, samples: Sequence[Sample],
-              img_size: int | None, cache: bool, cache_dir: str | None) -> list[Sample]:
+              img_size: int | None, cache: bool, cache_dir: str | None,
+              feature_dtype: str) -> list[Sample]:
     """The samples the feature pass would run the backbone on (the cache's misses)."""
     if not cache:
         return list(samples)
@@ -328,7 +333,7 @@ def _uncached(model: TransferModel, backbone: str, samples: Sequence[Sample],
     config = data_config_for(model.data_config, img_size)
     key = FeatureKey.of(backbone, weights_sha256(model.backbone.state_dict()), config,
                         build_transform(config, train=False))
-    _, missing = FeatureCache(cache_root(cache_dir), key).lookup(samples)
+    _, missing = FeatureCache(cache_root(cache_dir), key, feature_dtype).lookup(samples)
     return [samples[i] for i in missing]
 
 

@@ -49,6 +49,8 @@ def audit(
     img_size: int | None = typer.Option(None, "--img-size"),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Use the feature cache."),
     cache_dir: str | None = typer.Option(None, "--cache-dir"),
+    feature_dtype: str = typer.Option(
+        "float32", "--feature-dtype", help="How cached features are stored (as tlreg train)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1."),
     batch_size: int = typer.Option(64, "--batch-size"),
     workers: int = typer.Option(2, "--workers"),
@@ -71,8 +73,8 @@ def audit(
         source_args=sources, folds=folds,
         duplicate_threshold=duplicate_threshold, outlier_z=outlier_z, min_side=min_side,
         label_issues=label_issues, pretrained=pretrained, weights=weights, img_size=img_size,
-        cache=cache, cache_dir=cache_dir, device=device, batch_size=batch_size,
-        workers=workers, say=lambda m: typer.echo(m, err=True))
+        cache=cache, cache_dir=cache_dir, feature_dtype=feature_dtype, device=device,
+        batch_size=batch_size, workers=workers, say=lambda m: typer.echo(m, err=True))
     written = []
     if csv is not None:
         written.append(str(write_csv(report, csv)))

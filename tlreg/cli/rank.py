@@ -39,6 +39,8 @@ def rank(
     img_size: int | None = typer.Option(None, "--img-size"),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Use the feature cache."),
     cache_dir: str | None = typer.Option(None, "--cache-dir"),
+    feature_dtype: str = typer.Option(
+        "float32", "--feature-dtype", help="How cached features are stored (as tlreg train)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1."),
     batch_size: int = typer.Option(64, "--batch-size"),
     workers: int = typer.Option(2, "--workers"),
@@ -63,8 +65,8 @@ def rank(
 
     ranking = run_rank(data, backbones, random_init=random_init, folds=folds, seed=seed,
                        budget=budget, pretrained=pretrained, img_size=img_size, cache=cache,
-                       cache_dir=cache_dir, device=device, batch_size=batch_size,
-                       workers=workers, val_split=val_split,
+                       cache_dir=cache_dir, feature_dtype=feature_dtype, device=device,
+                       batch_size=batch_size, workers=workers, val_split=val_split,
                        source_args=sources, say=say)
     written = write_rank(ranking, out) if out is not None else None
     if as_json:

@@ -283,6 +283,10 @@ def train(
         None, "--cache/--no-cache", help="Cache frozen-backbone features."
     ),
     cache_dir: str | None = typer.Option(None, "--cache-dir"),
+    feature_dtype: str | None = typer.Option(
+        None, "--feature-dtype", help="How cached features are stored: float32, or float16 "
+        "(half the bytes; docs/cache.md has its measured accuracy effect)."
+    ),
     decoded_cache: str | None = typer.Option(
         None,
         "--decoded-cache",

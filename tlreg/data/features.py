@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tlreg._io import atomic_path, atomic_write_json, save_file
+from tlreg.errors import UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -61,6 +62,12 @@ class FeatureKey:
 
 
 CHUNK_ROWS = 4096  # rows per chunk file: 20 MB of float32 at 1,280 features
+# How an entry stores its rows (--feature-dtype): float16 halves the bytes on disk and read
+# (docs/cache.md: its accuracy effect, measured by bench/feature_dtype.py); rows are float32
+# in memory either way, because the solver and the head train in float32.
+FEATURE_DTYPES = ("float32", "float16")
+_SAFETENSORS_DTYPES = {"F32": 4, "F16": 2}
+FP16_MAX = 65504.0
 MAX_CHUNKS = 64  # more files than this are merged (many small appends)
 CHUNK_FORMAT = "tlreg-features/2"
 CHUNK_GLOB = "chunk-*.safetensors"
@@ -77,9 +84,13 @@ class FeatureCache:
     truncated chunk is dropped, so only its images are computed again.
     """
 
-    def __init__(self, root: Path, key: FeatureKey) -> None:
+    def __init__(self, root: Path, key: FeatureKey, dtype: str = "float32") -> None:
+        if dtype not in FEATURE_DTYPES:
+            raise UsageError(f"--feature-dtype {dtype!r}: choose from {', '.join(FEATURE_DTYPES)}")
         self.key = key
-        self.dir = root / "features" / key.digest()
+        self.dtype = dtype
+        # float16 rows are another entry: a float32 run never reads rounded features
+        self.dir = root / "features" / (key.digest() + ("-f16" if dtype == "float16" else ""))
         self.read_only = False  # set when writing failed: new rows stay in this run's memory
         self.index: dict[str, tuple[list[int], str, int]] = {}  # name -> (stamp, chunk, row)
         self.chunks: dict[str, int] = {}  # chunk file name -> rows
@@ -134,15 +145,24 @@ class FeatureCache:
             del rows  # one chunk in memory at a time
         return sorted(lost)
 
+    def as_stored(self, features: torch.Tensor) -> torch.Tensor:
+        """`features` as this entry stores them: float16 rounds, unless a value is beyond
+        float16's range (the rows then stay float32, exactly: never an inf in the cache)."""
+        rows = features.detach().cpu().float()
+        if self.dtype == "float16" and (rows.numel() == 0 or float(rows.abs().max()) <= FP16_MAX):
+            return rows.half()
+        return rows
+
     def update(self, samples: Sequence[Sample], features: torch.Tensor) -> None:
-        """Add (or replace) the rows of `samples` as new chunks; existing chunks are untouched."""
+        """Add (or replace) the rows of `samples` as new chunks; existing chunks are untouched.
+        Pass rows through `as_stored` first to use in this run exactly what later runs read."""
         if self.read_only or not samples:
             return
         from tlreg.data.sources import identity
         from tlreg.lock import FolderLocked, exclusive
 
         keys = [identity(s) for s in samples]
-        rows = features.detach().cpu().float().contiguous()
+        rows = self.as_stored(features).contiguous()
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             with exclusive(self.dir):  # one writer per entry: clean-ups must not race appends
@@ -156,6 +176,7 @@ class FeatureCache:
                 atomic_write_json(self.dir / "meta.json", {
                     "backbone": self.key.backbone, "weights_sha256": self.key.weights_sha256,
                     "data_config": dict(self.key.data_config), "entries": len(self.index),
+                    "dtype": self.dtype,
                 })
         except FolderLocked:
             pass  # another run is writing this entry now; ours stays in memory this time
@@ -199,7 +220,7 @@ class FeatureCache:
                 part = pending[:count]
                 del pending[:count]
                 self._write_chunk([n for n, _, _ in part], [s for _, s, _ in part],
-                                  torch.stack([t for _, _, t in part]))
+                                  self.as_stored(torch.stack([t for _, _, t in part])))
 
             for chunk in old:
                 if not live[chunk]:
@@ -260,21 +281,23 @@ def _chunk_header(path: Path) -> tuple[list[str], list[list[int]], int]:
         raise ValueError(f"not a {CHUNK_FORMAT} chunk")
     names, stamps = json.loads(meta["names"]), json.loads(meta["stamps"])
     shape, (begin, end) = spec["shape"], spec["data_offsets"]
-    if spec.get("dtype") != "F32" or len(shape) != 2 or shape[0] != len(names) or not names:
-        raise ValueError(f"shape {shape} for {len(names)} images")
+    width = _SAFETENSORS_DTYPES.get(spec.get("dtype"))
+    if width is None or len(shape) != 2 or shape[0] != len(names) or not names:
+        raise ValueError(f"{spec.get('dtype')} rows of shape {shape} for {len(names)} images")
     if len(stamps) != len(names) or not all(
             isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) for v in s)
             for s in stamps) or not all(isinstance(n, str) for n in names):
         raise ValueError("its image list does not match its rows")
-    if end - begin != 4 * shape[0] * shape[1] or path.stat().st_size != 8 + size + end:
+    if end - begin != width * shape[0] * shape[1] or path.stat().st_size != 8 + size + end:
         raise ValueError(f"{path.stat().st_size} bytes on disk, the header describes "
                          f"{8 + size + end} (truncated?)")
     return names, stamps, shape[1]
 
 
 def _read_chunk(path: Path, rows: int | None) -> torch.Tensor:
-    """A chunk's features, or ValueError: the checksum catches flipped bytes that safetensors
-    reads without complaint, the finiteness check a chunk written from a diverged model."""
+    """A chunk's features as float32, or ValueError: the checksum (of the stored bytes)
+    catches flipped bytes that safetensors reads without complaint, the finiteness check a
+    chunk written from a diverged model."""
     import torch
     from safetensors import safe_open
 
@@ -287,7 +310,7 @@ def _read_chunk(path: Path, rows: int | None) -> torch.Tensor:
         raise ValueError("checksum mismatch")
     if not bool(torch.isfinite(features).all()):
         raise ValueError("non-finite features")
-    return features
+    return features.float()
 
 
 def cached_features(samples: Sequence[Sample], compute: Callable[[list[int]], tuple[
@@ -314,6 +337,7 @@ def cached_features(samples: Sequence[Sample], compute: Callable[[list[int]], tu
         if not ok and out is None:  # nothing cached and nothing decodable
             return new.float(), failed
         if ok:
+            new = cache.as_stored(new)  # this run uses what a later run will read
             cache.update([samples[i] for i in ok], new)
             if out is None:
                 out = torch.empty(len(samples), new.shape[1])

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tlreg.data.augment import settle as settle_augment
+from tlreg.data.features import FEATURE_DTYPES
 from tlreg.engine.callbacks import MONITORS
 from tlreg.engine.loggers import LOGGERS
 from tlreg.engine.schedulers import SCHEDULERS
@@ -82,6 +83,7 @@ class TrainConfig:
     drop_path: float | None = None  # the backbone's stochastic depth while it trains
     cache: bool = True
     cache_dir: str | None = None
+    feature_dtype: str = "float32"  # how cached features are stored (float16: half the bytes)
     decoded_cache: str = "auto"  # auto: memory within the budget, else disk, else off
     decoded_cache_gb: float = 4.0
     device: str = "auto"
@@ -124,6 +126,7 @@ class TrainConfig:
         _choice("sampler", self.sampler, SAMPLERS)
         _choice("precision", self.precision, PRECISIONS)
         _choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
+        _choice("feature_dtype", self.feature_dtype, FEATURE_DTYPES)
         _choice("decoded_cache", self.decoded_cache, ("auto", "off", "memory", "disk", "stream"))
         check_device(self.device)
         for name in self.log:

@@ -41,7 +41,7 @@ def feature_cache(t: Trainer) -> Any:
     sha = t.pretrained_sha256 or weights_sha256(t.model.backbone.state_dict())
     key = FeatureKey.of(cfg.backbone, sha, t.data_config,
                         build_transform(t.data_config, train=False))
-    return FeatureCache(cache_root(cfg.cache_dir), key)
+    return FeatureCache(cache_root(cfg.cache_dir), key, cfg.feature_dtype)
 
 
 def fit_head(t: Trainer, x: torch.Tensor, y: torch.Tensor) -> HeadFit:
