@@ -223,6 +223,45 @@ def test_frozen_run_stores_a_bank_and_predict_rejects_unfamiliar(confident_run, 
         predict(load_model(str(tmp_path / "ft")), files, reject_unfamiliar=0.05)
 
 
+def test_an_exported_artifact_carries_the_bank_and_older_readers_are_unaffected(
+        confident_run, tmp_path):
+    """`tlreg export` of a frozen run ships familiarity.safetensors: the artifact rejects the
+    same images as the run. It is recorded beside config.json's `files` (which an older tlreg
+    checks against the names it knows), and verified by its checksum."""
+    from tlreg.errors import ChecksumError
+    from tlreg.sharing.api import load_artifact
+    from tlreg.sharing.exporters import export_run
+
+    data, run = confident_run
+    files = sorted(str(p) for p in (data / "val").rglob("*.png"))
+    art = export_run(str(run), tmp_path / "art")
+    config = json.loads((art / "config.json").read_text())
+    assert "familiarity.safetensors" not in config["files"]
+    assert config["familiarity"]["bank_images"] == 32 and config["familiarity"]["k"] == 5
+    from_run = predict(load_model(str(run)), files, reject_unfamiliar=0.5)
+    from_art = predict(load_artifact(str(art)), files, reject_unfamiliar=0.5)
+    assert [r["familiarity"] for r in from_art] == [r["familiarity"] for r in from_run]
+    assert [r["label"] for r in from_art] == [r["label"] for r in from_run]
+    assert any(r["rejected"] for r in from_art) and not all(r["rejected"] for r in from_art)
+    # A modified bank is refused, not used.
+    bank = art / "familiarity.safetensors"
+    raw = bytearray(bank.read_bytes())
+    raw[-1] ^= 0xFF
+    bank.write_bytes(bytes(raw))
+    with pytest.raises(ChecksumError, match=r"familiarity\.safetensors .* corrupt"):
+        load_artifact(str(art))
+    bank.unlink()
+    with pytest.raises(ArtifactError, match=r"recorded in config\.json but missing"):
+        load_artifact(str(art))
+    # An artifact without the record (an older tlreg's) loads, and has no bank.
+    (art / "config.json").write_text(json.dumps({k: v for k, v in config.items()
+                                                 if k != "familiarity"}))
+    model = load_artifact(str(art))
+    assert model.familiarity is None
+    with pytest.raises(UsageError, match="backbone stayed frozen"):
+        predict(model, files[:1], reject_unfamiliar=0.5)
+
+
 @pytest.mark.slow
 def test_unfamiliar_photos_are_rejected_and_held_out_val_kept(shared_dir, tmp_path):
     """Real weights and photos: efficientnet_lite0 frozen on hymenoptera's train folder (its

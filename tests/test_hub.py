@@ -105,6 +105,23 @@ def test_push_then_pull_gives_the_same_model(hub: LocalHub, model, tmp_path: Pat
     assert loaded.info.label_names == ("c0", "c1")
 
 
+def test_the_familiarity_bank_travels_with_push_and_pull(hub: LocalHub, model,
+                                                         tmp_path: Path) -> None:
+    from tlreg.engine import familiarity
+
+    g = torch.Generator().manual_seed(0)
+    dim = model.feature_dim
+    model.familiarity = familiarity.build(torch.randn(40, dim, generator=g),
+                                          torch.arange(40) % 2, torch.randn(10, dim, generator=g))
+    push_model(model, REPO)
+    assert artifact_files(hub) == {CONFIG_FILE, HEAD_FILE, "README.md",
+                                   "familiarity.safetensors"}
+    loaded = load_artifact(REPO)
+    assert loaded.familiarity is not None
+    for name, tensor in model.familiarity.items():
+        assert torch.equal(loaded.familiarity[name], tensor)
+
+
 def hub_cache() -> Path:
     from huggingface_hub import constants
 

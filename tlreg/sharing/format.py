@@ -34,8 +34,12 @@ HEAD_FILE = "head.safetensors"
 BACKBONE_FILE = "backbone.safetensors"
 CARD_FILE = "README.md"
 CURVE_FILE = "training.png"
+# A frozen run's training-feature bank (tlreg.engine.familiarity), for `predict
+# --reject-unfamiliar`. Recorded under config.json's `familiarity`, not its `files`: a tlreg
+# that predates it refuses unknown names in `files`, and reads the artifact without the bank.
+FAMILIARITY_FILE = "familiarity.safetensors"
 # Every file an artifact may hold; nothing else is written, pushed or downloaded.
-ARTIFACT_FILES = (CONFIG_FILE, HEAD_FILE, BACKBONE_FILE, CARD_FILE, CURVE_FILE)
+ARTIFACT_FILES = (CONFIG_FILE, HEAD_FILE, BACKBONE_FILE, CARD_FILE, CURVE_FILE, FAMILIARITY_FILE)
 TIMM_WEIGHTS = "model.safetensors"  # `--format timm`: timm's (and transformers') weights file
 # Pickle-based formats: loading one can run arbitrary code, so tlreg refuses to touch them.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
@@ -236,6 +240,20 @@ def verify_files(folder: Path, config: Mapping[str, Any]) -> None:
         if got != want:
             raise ChecksumError(f"{name} in {folder} is corrupt or was modified: its SHA-256 is "
                                 f"{got}, {CONFIG_FILE} records {want}. Download it again")
+    bank = config.get("familiarity")
+    if bank is None:
+        return
+    if not isinstance(bank, dict) or not isinstance(bank.get("sha256"), str):
+        raise ArtifactError(f"{folder / CONFIG_FILE}: 'familiarity' must record the sha256 of "
+                            f"{FAMILIARITY_FILE}")
+    if not (folder / FAMILIARITY_FILE).is_file():
+        raise ArtifactError(f"{folder}: {FAMILIARITY_FILE} is recorded in {CONFIG_FILE} but "
+                            "missing")
+    got = file_sha256(folder / FAMILIARITY_FILE)
+    if got != bank["sha256"]:
+        raise ChecksumError(f"{FAMILIARITY_FILE} in {folder} is corrupt or was modified: its "
+                            f"SHA-256 is {got}, {CONFIG_FILE} records {bank['sha256']}. "
+                            "Download it again")
 
 
 # -- messages both writer and reader give about tensors ------------------------------------------

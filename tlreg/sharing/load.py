@@ -26,6 +26,7 @@ from tlreg.errors import (
 from tlreg.runs.checkpoint import _tuples
 from tlreg.sharing.format import (
     BACKBONE_FILE,
+    FAMILIARITY_FILE,
     HEAD_FILE,
     WEIGHTS_DELTA,
     WEIGHTS_FULL,
@@ -71,6 +72,14 @@ def load_artifact_dir(folder: Path, *, allow_backbone_mismatch: bool = False) ->
         _load_strict(model.backbone, read(BACKBONE_FILE), f"{BACKBONE_FILE} ({bb['weights']})",
                      partial=bb["weights"] == WEIGHTS_DELTA)
     _load_strict(model.head, read(HEAD_FILE), HEAD_FILE, partial=False)
+    if config.get("familiarity") is not None:  # verified by verify_files above
+        from tlreg.engine.familiarity import check
+
+        try:
+            model.familiarity = check(read(FAMILIARITY_FILE), model.feature_dim,
+                                      str(folder / FAMILIARITY_FILE))
+        except UsageError as exc:
+            raise ArtifactError(str(exc)) from None
     model.info = info
     model.eval()
     return model

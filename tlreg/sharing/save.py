@@ -24,6 +24,7 @@ from tlreg.sharing.format import (
     CARD_FILE,
     CONFIG_FILE,
     CURVE_FILE,
+    FAMILIARITY_FILE,
     FORMAT_NAME,
     HEAD_FILE,
     NAMED_SOURCES,
@@ -66,6 +67,7 @@ def save_artifact(model: TransferModel, directory: str | os.PathLike[str], *,
     if curve is not None and not curve.is_file():
         raise UsageError(f"training curve {curve} does not exist")
     config = _config(model, mode, weights_hash, metrics, dataset)
+    bank = _familiarity(model)
 
     def write(tmp: Path) -> None:
         save_file(head, tmp / HEAD_FILE, metadata={"format": "pt"})
@@ -75,12 +77,31 @@ def save_artifact(model: TransferModel, directory: str | os.PathLike[str], *,
             shutil.copyfile(curve, tmp / CURVE_FILE)
         config["files"] = {p.name: {"sha256": file_sha256(p), "size": p.stat().st_size}
                            for p in sorted(tmp.iterdir())}
+        if bank is not None:  # beside `files`, so an older tlreg still reads the artifact
+            path = tmp / FAMILIARITY_FILE
+            save_file(bank, path, metadata={"format": "pt"})
+            config["familiarity"] = {"sha256": file_sha256(path), "size": path.stat().st_size,
+                                     "k": int(bank["k"].item()), "bank_images": len(bank["bank"]),
+                                     "val_images": len(bank["val_scores"])}
         write_json(tmp / CONFIG_FILE, config)
         (tmp / CARD_FILE).write_text(model_card(config, has_curve=curve is not None),
                                      encoding="utf-8")
 
     write_folder_atomically(directory, write)
     return directory
+
+
+def _familiarity(model: TransferModel) -> dict[str, Tensor] | None:
+    """The model's training-feature bank (a frozen run's), checked, or None."""
+    if model.familiarity is None:
+        return None
+    from tlreg.engine.familiarity import check
+
+    try:
+        check(model.familiarity, model.feature_dim, "the model's familiarity bank")
+    except UsageError as exc:
+        raise ArtifactError(f"cannot save the familiarity bank: {exc}") from None
+    return cpu_tensors(model.familiarity)
 
 
 # -- the backbone: nothing, a delta, or all of it ------------------------------------------------
