@@ -122,6 +122,27 @@ def test_strong_regularisation_is_chosen_for_noise_and_weak_for_signal() -> None
     assert noise.C <= 0.1 < signal.C
 
 
+def test_folds_solved_in_threads_give_the_same_fit_and_each_folds_accuracy() -> None:
+    """`workers` (what `tlreg rank` uses) changes how folds are scheduled, not what they
+    compute: the path, C, fold accuracies and weights are bitwise those of one worker, and the
+    fold accuracies are the held-out counts the CV accuracy sums."""
+    x, y = blobs(n=150, d=40, k=3, noise=3.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = cv_linear(x, y, 3, folds=5, seed=3)
+        two = cv_linear(x, y, 3, folds=5, seed=3, workers=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert one.path == two.path and one.C == two.C and one.iterations == two.iterations
+    assert one.fold_accuracies == two.fold_accuracies and len(one.fold_accuracies) == 5
+    assert all(torch.equal(one.state[k], two.state[k]) for k in one.state)
+    sizes = torch.bincount(stratified_folds(y, 5, 3)).tolist()
+    correct = sum(a * n for a, n in zip(one.fold_accuracies, sizes, strict=True))
+    assert correct / len(y) == pytest.approx(one.cv_accuracy, abs=1e-12)
+    assert len(set(one.fold_accuracies)) > 1  # per fold, not the mean five times
+
+
 def test_folds_are_stratified_and_seeded() -> None:
     y = torch.tensor([0] * 10 + [1] * 5 + [2] * 20)
     folds = stratified_folds(y, 5, seed=1)

@@ -388,9 +388,10 @@ def _scores(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.
     t0 = time.perf_counter()
     evidence = logme(x.double().numpy(), y.numpy(), num_classes=num_classes)
     t1 = time.perf_counter()
-    fit = cv_linear(x, y, num_classes, folds=folds, seed=seed)
-    per_fold = (_fold_accuracies(x, y, num_classes, fit.C, fit.folds, seed)
-                if fit.folds >= 2 and fit.C is not None else ())
+    # one intra-op thread (SCORE_THREADS), so the folds share the cores instead
+    fit = cv_linear(x, y, num_classes, folds=folds, seed=seed,
+                    workers=min(folds, os.cpu_count() or 1))
+    per_fold = fit.fold_accuracies
     val = None
     if len(y_val):
         logits = x_val.double() @ fit.state["weight"].double().T + fit.state["bias"].double()
@@ -400,28 +401,6 @@ def _scores(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.
             "cv_std": statistics.stdev(per_fold) if len(per_fold) >= 2 else None,
             "val_accuracy": val, "logme_seconds": t1 - t0,
             "probe_seconds": time.perf_counter() - t1}
-
-
-def _fold_accuracies(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, k: int,
-                     seed: int) -> tuple[float, ...]:
-    """Each fold's accuracy at the chosen C: cv_linear's folds (same seed) and fits, solved
-    again from zero (the problem is convex, so the same optimum as its warm-started path)."""
-    import torch
-
-    from tlreg.engine.solver import fit_logistic, stratified_folds
-
-    fold_of = stratified_folds(y, k, seed)
-    x64 = x.double()
-    out = []
-    for f in range(k):
-        tr, te = fold_of != f, fold_of == f
-        mean = x64[tr].mean(0)
-        std = x64[tr].std(0, unbiased=False)
-        std = torch.where(std > 1e-12, std, torch.ones_like(std))
-        xtr, xte = ((x64[tr] - mean) / std).float(), ((x64[te] - mean) / std).float()
-        w, b, _ = fit_logistic(xtr, y[tr], num_classes, C, tol=1e-5, max_iter=500)
-        out.append(float(((xte @ w.T + b).argmax(1) == y[te]).double().mean()))
-    return tuple(out)
 
 
 # -- the recommendation, the files ----------------------------------------------------------

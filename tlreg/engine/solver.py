@@ -67,6 +67,7 @@ class HeadFit:
     path: tuple[dict[str, float], ...] = ()
     reason: str = ""
     state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    fold_accuracies: tuple[float, ...] = ()  # each fold's held-out accuracy at the chosen C
 
     def record(self) -> dict[str, Any]:
         keys = ("method", "folds", "cv_accuracy", "cv_loss", "iterations", "seconds", "C",
@@ -236,14 +237,19 @@ def _basis(x: torch.Tensor) -> torch.Tensor | None:
 def cv_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
               Cs: Sequence[float] = DEFAULT_CS, folds: int = 5, seed: int = 0,
               label_smoothing: float = 0.0,
-              class_weight: torch.Tensor | None = None) -> HeadFit:
+              class_weight: torch.Tensor | None = None, workers: int = 1) -> HeadFit:
     """Multinomial logistic regression with C chosen by stratified k-fold CV on (x, y) only.
 
     Folds are solved in float32 to a gradient of 1e-5 (enough to rank C), the final fit in
     float64 to 1e-7. Returns the fit on all of (x, y) at the chosen C, standardisation folded
     in (`state` = {'weight', 'bias'} for raw features).
+
+    `workers`: folds solved at once, in threads. Each fold's ops are the same either way, so
+    the result is bitwise the same; it pays where torch runs one intra-op thread (`tlreg rank`
+    sets one: 1.3x on 2 cores for 1,540 x 1,280 features), not beside a multi-threaded one.
     """
     import time
+    from concurrent.futures import ThreadPoolExecutor
 
     t0 = time.perf_counter()
     x64, y = x.detach().to(torch.float64), y.detach().long()
@@ -263,17 +269,28 @@ def cv_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
                 xtr, xte = xtr @ basis, xte @ basis
             parts.append((xtr.float(), y[tr], xte.float(), y[te]))
         inits: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * k
+        per_fold: dict[float, tuple[float, ...]] = {}
         best_acc, best_loss, since_best = -1.0, math.inf, 0
+        pool = ThreadPoolExecutor(min(workers, k)) if workers > 1 else None
+
+        def solve(f: int, C: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+            return fit_logistic(parts[f][0], parts[f][1], num_classes, C, init=inits[f],
+                                tol=1e-5, class_weight=class_weight, max_iter=500,
+                                label_smoothing=label_smoothing)
+
         for C in Cs:  # strong to weak: each fold starts from its solution at the previous C
             correct = loss = 0.0
-            for f, (xtr, ytr, xte, yte) in enumerate(parts):
-                w, b, it = fit_logistic(xtr, ytr, num_classes, C, init=inits[f], tol=1e-5,
-                                        class_weight=class_weight,
-                                        max_iter=500, label_smoothing=label_smoothing)
+            accs = []
+            solved = (list(pool.map(solve, range(k), [C] * k)) if pool is not None
+                      else [solve(f, C) for f in range(k)])
+            for f, (w, b, it) in enumerate(solved):
+                _, _, xte, yte = parts[f]
                 inits[f] = (w, b)
                 iterations += it
                 c, s = _scores(xte @ w.T + b, yte)
                 correct, loss = correct + c, loss + s
+                accs.append(c / len(yte))
+            per_fold[C] = tuple(accs)
             point = {"C": C, "cv_accuracy": correct / len(y), "cv_loss": loss / len(y)}
             path.append(point)
             better = (point["cv_accuracy"] > best_acc + 1e-12
@@ -283,6 +300,8 @@ def cv_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
             since_best = 0 if better else since_best + 1
             if since_best >= _PATIENCE:  # neither score improves: weaker C only over-fits
                 break
+        if pool is not None:
+            pool.shutdown()
         chosen = _choose(path, multi)
         C, reason = chosen["C"], (
             f"C={chosen['C']:.3g}: best {k}-fold CV "
@@ -291,6 +310,7 @@ def cv_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
     else:
         C, chosen, k = 1.0, {"cv_accuracy": None, "cv_loss": None}, 0
         reason = "C=1 (scikit-learn's default): a class has fewer than 2 training images, no CV"
+        per_fold = {}
     mean, std = _moments(x64)
     xs = (x64 - mean) / std
     basis = _basis(xs)
@@ -305,7 +325,8 @@ def cv_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
     return HeadFit(method="lbfgs-cv", folds=k, cv_accuracy=chosen["cv_accuracy"],
                    cv_loss=chosen["cv_loss"], iterations=iterations, C=C, standardised=True,
                    path=tuple(path), reason=reason, seconds=time.perf_counter() - t0,
-                   state={"weight": weight.to(x.dtype), "bias": bias.to(x.dtype)})
+                   state={"weight": weight.to(x.dtype), "bias": bias.to(x.dtype)},
+                   fold_accuracies=per_fold.get(C, ()))
 
 
 # -- heads that are not linear ---------------------------------------------------------------
