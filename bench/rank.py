@@ -159,11 +159,22 @@ def _yes(value: bool | None) -> str:
     return "-" if value is None else ("yes" if value else "**no**")
 
 
+def _earlier(results: dict[str, Any]) -> str:
+    """Which sets' rows come from an earlier run (`--data` reruns only some), and where."""
+    by_run: dict[str, list[str]] = {}
+    for name, res in sorted(results["sets"].items()):
+        if res.get("machine") and res["machine"] != results["machine"]:
+            by_run.setdefault(res["machine"], []).append(name)
+    return "".join(f" ({', '.join(names)}: an earlier run, {where})"
+                   for where, names in by_run.items())
+
+
 def table(results: dict[str, Any]) -> str:
     sets = [results["sets"][k] for k in sorted(results["sets"])]
     lines = [
         f"`python -m bench.rank` on {results['machine']}; {results['wall_s'] / 60:.1f} min "
-        "for the whole run. `tlreg rank` over EfficientNet-Lite0/1/2 (ImageNet weights) and "
+        f"for the whole run{_earlier(results)}. `tlreg rank` over EfficientNet-Lite0/1/2 "
+        "(ImageNet weights) and "
         f"`{CONTROL}` (seeded random init), 5-fold CV probe and LogME on each train split, "
         "cold cache; then every candidate trained with `tlreg.fit` at its defaults "
         "(`--policy auto`). Where `auto` would fine-tune (predicted from rank's own probe, "
@@ -224,10 +235,13 @@ def run(quick: bool = False, data: list[str] | None = None, finetune: bool = Fal
             return
         old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"sets": {}}
         results = {"sets": dict(old.get("sets", {}))}
+        for res in results["sets"].values():  # a set not rerun keeps the run it came from
+            res.setdefault("machine", old.get("machine"))
         for name in data or list(_datasets.SOURCES):
             work = Path(t) / name
             work.mkdir()
             results["sets"][name] = run_dataset(name, (*BACKBONES, CONTROL), work, finetune)
+            results["sets"][name]["machine"] = machine()
         results |= {"machine": machine(), "wall_s": time.perf_counter() - t0,
                     "finetune": finetune, "backbones": [*BACKBONES, CONTROL]}
         RESULTS.parent.mkdir(parents=True, exist_ok=True)

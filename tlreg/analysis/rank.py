@@ -50,6 +50,12 @@ _ESTIMATE_BATCH = 8  # images decoded and run once to estimate a feature pass
 #: thread took 0.5 s for a 140-image probe that took 2.7-4.2 s on two, and 4.3 s (steady) for
 #: 1,540 x 1,280 features, 10 classes, against 2.8-19 s on two.
 SCORE_THREADS = 1
+#: From this much work (train rows x features x classes) the probe's folds are solved in
+#: threads, one intra-op thread each. Below it the threads fight over the GIL between small
+#: ops: on 2 cores cv_linear took 0.36 s with 2 threads vs 0.19 s with one at 245 x 1,280 x 2,
+#: 0.75 vs 0.67 s at 600 x 1,280 x 10, and gained from 1,258 x 1,280 x 10 (2.26 vs 2.46 s) and
+#: 1,540 x 1,280 x 10 (14.9 vs 17.9 s).
+PARALLEL_FOLD_WORK = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -388,9 +394,9 @@ def _scores(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.
     t0 = time.perf_counter()
     evidence = logme(x.double().numpy(), y.numpy(), num_classes=num_classes)
     t1 = time.perf_counter()
-    # one intra-op thread (SCORE_THREADS), so the folds share the cores instead
+    big = x.shape[0] * x.shape[1] * num_classes >= PARALLEL_FOLD_WORK
     fit = cv_linear(x, y, num_classes, folds=folds, seed=seed,
-                    workers=min(folds, os.cpu_count() or 1))
+                    workers=min(folds, os.cpu_count() or 1) if big else 1)
     per_fold = fit.fold_accuracies
     val = None
     if len(y_val):
