@@ -246,7 +246,8 @@ def cv_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
 
     `workers`: folds solved at once, in threads. Each fold's ops are the same either way, so
     the result is bitwise the same; it pays where torch runs one intra-op thread (`tlreg rank`
-    sets one: 1.3x on 2 cores for 1,540 x 1,280 features), not beside a multi-threaded one.
+    sets one: 1.2x on 2 cores for 1,540 x 1,280 x 10), and on large problems only (small ops
+    hold the GIL: tlreg.analysis.rank.PARALLEL_FOLD_WORK), not beside a multi-threaded op.
     """
     import time
     from concurrent.futures import ThreadPoolExecutor
