@@ -148,6 +148,10 @@ class FeatureCache:
     def as_stored(self, features: torch.Tensor) -> torch.Tensor:
         """`features` as this entry stores them: float16 rounds, unless a value is beyond
         float16's range (the rows then stay float32, exactly: never an inf in the cache)."""
+        import torch
+
+        if self.dtype == "float16" and features.dtype == torch.float16:
+            return features.detach().cpu()  # stored already: cached_features, then update
         rows = features.detach().cpu().float()
         if self.dtype == "float16" and (rows.numel() == 0 or float(rows.abs().max()) <= FP16_MAX):
             return rows.half()

@@ -99,13 +99,15 @@ def familiarity(x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tens
     return (1 + below).float() / (1 + len(val))
 
 
-def check(tensors: dict[str, torch.Tensor], width: int, where: str) -> dict[str, torch.Tensor]:
-    """A stored bank, or `UsageError` naming `where` when it is damaged or of another width."""
+def check(tensors: dict[str, torch.Tensor], width: int, where: str,
+          error: type[Exception] = UsageError) -> dict[str, torch.Tensor]:
+    """A stored bank, or `error` naming `where` when it is damaged or of another width (an
+    artifact's reader and writer raise ArtifactError)."""
     bank, val, k = tensors.get("bank"), tensors.get("val_scores"), tensors.get("k")
     if (bank is None or val is None or k is None or bank.dim() != 2 or val.dim() != 1
             or k.numel() != 1 or len(val) < 2 or int(k.item()) < 1):
-        raise UsageError(f"{where} is not a familiarity bank (bank, val_scores, k)")
+        raise error(f"{where} is not a familiarity bank (bank, val_scores, k)")
     if bank.shape[1] != width:
-        raise UsageError(f"{where} holds features of width {bank.shape[1]}, the model's "
-                         f"are {width}")
+        raise error(f"{where} holds features of width {bank.shape[1]}, the model's "
+                    f"are {width}")
     return tensors

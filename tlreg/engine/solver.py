@@ -282,8 +282,7 @@ def cv_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
         for C in Cs:  # strong to weak: each fold starts from its solution at the previous C
             correct = loss = 0.0
             accs = []
-            solved = (list(pool.map(solve, range(k), [C] * k)) if pool is not None
-                      else [solve(f, C) for f in range(k)])
+            solved = (pool.map if pool is not None else map)(solve, range(k), [C] * k)
             for f, (w, b, it) in enumerate(solved):
                 _, _, xte, yte = parts[f]
                 inits[f] = (w, b)

@@ -232,28 +232,26 @@ def verify_files(folder: Path, config: Mapping[str, Any]) -> None:
     """Every file config.json lists is present with the recorded SHA-256 and size."""
     folder = Path(folder)
     for name, meta in config["files"].items():
-        path = folder / name
-        if not path.is_file():
-            raise ArtifactError(f"{folder}: {name} is listed in {CONFIG_FILE} but missing")
-        want = meta.get("sha256") if isinstance(meta, dict) else None
-        got = file_sha256(path)
-        if got != want:
-            raise ChecksumError(f"{name} in {folder} is corrupt or was modified: its SHA-256 is "
-                                f"{got}, {CONFIG_FILE} records {want}. Download it again")
+        _verify_file(folder, name, meta.get("sha256") if isinstance(meta, dict) else None,
+                     "listed")
     bank = config.get("familiarity")
     if bank is None:
         return
     if not isinstance(bank, dict) or not isinstance(bank.get("sha256"), str):
         raise ArtifactError(f"{folder / CONFIG_FILE}: 'familiarity' must record the sha256 of "
                             f"{FAMILIARITY_FILE}")
-    if not (folder / FAMILIARITY_FILE).is_file():
-        raise ArtifactError(f"{folder}: {FAMILIARITY_FILE} is recorded in {CONFIG_FILE} but "
-                            "missing")
-    got = file_sha256(folder / FAMILIARITY_FILE)
-    if got != bank["sha256"]:
-        raise ChecksumError(f"{FAMILIARITY_FILE} in {folder} is corrupt or was modified: its "
-                            f"SHA-256 is {got}, {CONFIG_FILE} records {bank['sha256']}. "
-                            "Download it again")
+    _verify_file(folder, FAMILIARITY_FILE, bank["sha256"], "recorded")
+
+
+def _verify_file(folder: Path, name: str, want: str | None, how: str) -> None:
+    """`folder / name` exists and hashes to `want` (`how` config.json names it)."""
+    path = folder / name
+    if not path.is_file():
+        raise ArtifactError(f"{folder}: {name} is {how} in {CONFIG_FILE} but missing")
+    got = file_sha256(path)
+    if got != want:
+        raise ChecksumError(f"{name} in {folder} is corrupt or was modified: its SHA-256 is "
+                            f"{got}, {CONFIG_FILE} records {want}. Download it again")
 
 
 # -- messages both writer and reader give about tensors ------------------------------------------

@@ -75,11 +75,8 @@ def load_artifact_dir(folder: Path, *, allow_backbone_mismatch: bool = False) ->
     if config.get("familiarity") is not None:  # verified by verify_files above
         from tlreg.engine.familiarity import check
 
-        try:
-            model.familiarity = check(read(FAMILIARITY_FILE), model.feature_dim,
-                                      str(folder / FAMILIARITY_FILE))
-        except UsageError as exc:
-            raise ArtifactError(str(exc)) from None
+        model.familiarity = check(read(FAMILIARITY_FILE), model.feature_dim,
+                                  str(folder / FAMILIARITY_FILE), ArtifactError)
     model.info = info
     model.eval()
     return model

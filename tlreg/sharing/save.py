@@ -97,10 +97,8 @@ def _familiarity(model: TransferModel) -> dict[str, Tensor] | None:
         return None
     from tlreg.engine.familiarity import check
 
-    try:
-        check(model.familiarity, model.feature_dim, "the model's familiarity bank")
-    except UsageError as exc:
-        raise ArtifactError(f"cannot save the familiarity bank: {exc}") from None
+    check(model.familiarity, model.feature_dim, "cannot save the model's familiarity bank: it",
+          ArtifactError)
     return cpu_tensors(model.familiarity)
 
 
