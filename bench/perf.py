@@ -11,6 +11,7 @@ Variants run interleaved (A B A B ...), `--runs` rounds; ratios are computed pai
     python -m bench.perf --figure 2      # one figure; repeat --figure for several
     python -m bench.perf --figure 2 --models resnet18 --epochs 2 --variants classic,handtuned
     python -m bench.perf --quick         # tiny sizes, in seconds, for CI; nothing in the repo
+    python -m bench.perf --figure 2 --base-tlreg ../venv-old/bin/tlreg   # A/B against a commit
 
 Figures: 1 feature-extract 10 epochs, whole process (tlreg vs classic); 2 fine-tune training
 images/s (tlreg vs classic vs hand-tuned); 3 the data pipeline alone (tlreg vs ImageFolder + PIL);
@@ -92,6 +93,7 @@ class Settings:
     variants: tuple[str, ...] | None = None
     command: str = ""
     device: str = "cpu"
+    base_tlreg: str | None = None  # a `tlreg` executable of another install: variant tlreg-base
     failures: list[str] = field(default_factory=list)
 
     def models_for(self, default: Sequence[str]) -> list[Model]:
@@ -393,6 +395,12 @@ def figure2(s: Settings) -> dict[str, Any]:
                                     env={"TLREG_CACHE_DIR": str(s.work / "fig2-cache"),
                                          "TORCHINDUCTOR_CACHE_DIR": str(s.work / "inductor")},
                                     spawned=False, read=_read_run(out)))
+            if s.base_tlreg and s.wanted("tlreg-base"):
+                out = s.work / f"fig2-{model.key}-tlreg-base-{rnd}"
+                argv = tlreg_train(s, model, "finetune", epochs, out)
+                runs.append(measure(s, 2, rnd, model, "tlreg-base", [s.base_tlreg, *argv[1:]],
+                                    env={"TLREG_CACHE_DIR": str(s.work / "fig2-base-cache")},
+                                    read=_read_run(out)))
             for loop in ("classic", "handtuned"):
                 if s.wanted(loop):
                     js = s.work / f"fig2-{model.key}-{loop}-{rnd}.json"
@@ -408,11 +416,28 @@ def figure2(s: Settings) -> dict[str, Any]:
     for r in runs:
         if "result" in r:
             hist = r["result"]["history"]
-            r["metrics"] = {"images_per_second": after_first(hist, key),
+            timed = all(key in h for h in hist)  # an older tlreg (tlreg-base) may time less
+            r["metrics"] = {"images_per_second": after_first(hist, key) if timed else None,
+                            # whole epochs (train + val): what every tlreg version records
+                            "epoch_images_per_second_whole": after_first(hist, "seconds"),
                             "epoch_images_per_second": [h["images_per_second"] for h in hist],
                             "wall_s": r["wall_s"],
                             "compile_s": r["result"].get("summary", {}).get("compile_seconds")}
-    return {"epochs": epochs, "seconds_key": key, "runs": runs}
+    return {"epochs": epochs, "seconds_key": key, "runs": runs,
+            **({"base_tlreg": _base_tlreg(s.base_tlreg)} if s.base_tlreg else {})}
+
+
+def _base_tlreg(exe: str) -> dict[str, Any]:
+    """Which tlreg the tlreg-base variant ran: its executable, package folder and commit."""
+    python = Path(exe).with_name("python")
+    where = subprocess.run([str(python), "-c", "import pathlib, tlreg; "
+                            "print(pathlib.Path(tlreg.__file__).parent)"],
+                           capture_output=True, text=True, cwd=tempfile.gettempdir())
+    folder = where.stdout.strip()
+    rev = subprocess.run(["git", "-C", folder or ".", "rev-parse", "HEAD"], capture_output=True,
+                         text=True) if folder else None
+    return {"exe": exe, "package": folder or None,
+            "commit": rev.stdout.strip() if rev and rev.returncode == 0 else None}
 
 
 def figure3(s: Settings) -> dict[str, Any]:
@@ -756,15 +781,19 @@ def render_fig2(d: dict[str, Any]) -> list[str]:
            f"epochs after the first, timed over {what}. `classic`: the tutorial's loop (fp32, "
            "NCHW, 4 workers); `handtuned`: channels_last, persistent workers, no per-step "
            "sync.", ""]
-    rows = _stat_rows(runs, [("images_per_second", ".1f")])
+    rows = _stat_rows(runs, [("images_per_second", ".1f"),
+                             ("epoch_images_per_second_whole", ".1f")])
     out += _rows_table(["model", "variant", "runs", "images/s (min / median / max)",
-                        "peak RSS MiB"], rows)
+                        "whole epochs: images/s", "peak RSS MiB"], rows)
     lite = {"efficientnet_lite0": 1.5}
     specs = [("tlreg", "classic", "images_per_second", "speed-up", None, False),
              ("tlreg", "handtuned", "images_per_second", "speed-up", 1.0, False),
              ("handtuned", "classic", "images_per_second", "speed-up", None, False),
              ("tlreg-compile", "tlreg", "images_per_second", "speed-up after compiling", None,
-              False)]
+              False),
+             ("tlreg", "tlreg-base", "epoch_images_per_second_whole",
+              "speed-up, whole epochs (train + val)", None, False),
+             ("tlreg", "tlreg-base", "wall_s", "speed-up, process wall time", None, True)]
     table = []
     for model in dict.fromkeys(r["model"] for r in runs):
         sub = [r for r in runs if r["model"] == model]
@@ -780,6 +809,11 @@ def render_fig2(d: dict[str, Any]) -> list[str]:
              + ("with a fresh inductor cache" if cold else
                 "**with the inductor cache earlier runs left: not the cold cost**")
              for m, c, w, cold in compiled]
+    base = d.get("base_tlreg")
+    if base:
+        notes.append(f"- `tlreg-base`: the same command run by another install, tlreg at commit "
+                     f"`{(base['commit'] or 'unknown')[:12]}` (`{base['exe']}`); compared on "
+                     "whole epochs, which every tlreg version times.")
     return [*out, "", *table, *(["", *notes] if notes else [])]
 
 
@@ -946,6 +980,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=None, help=f"comma-separated: {', '.join(MODELS)}")
     p.add_argument("--variants", default=None,
                    help="comma-separated subset, e.g. classic,handtuned")
+    p.add_argument("--base-tlreg", default=None, metavar="EXE",
+                   help="a `tlreg` executable of another install (an older commit in its own "
+                        "virtual environment): figure 2 runs it too, as variant tlreg-base")
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--device", default="cpu",
                    help="passed to tlreg and the baselines alike (cuda for the GPU figure)")
@@ -967,7 +1004,8 @@ def main(argv: list[str] | None = None) -> int:
                  work=work, results=results, doc=doc,
                  models=tuple(a.models.split(",")) if a.models else None, epochs=a.epochs,
                  variants=tuple(a.variants.split(",")) if a.variants else None,
-                 command=" ".join(["python -m bench.perf", *argv]), device=a.device)
+                 command=" ".join(["python -m bench.perf", *argv]), device=a.device,
+                 base_tlreg=a.base_tlreg)
     unknown = set(s.models or ()) - set(MODELS)
     if unknown:
         print(f"unknown model(s): {', '.join(sorted(unknown))}", file=sys.stderr)
