@@ -159,10 +159,14 @@ def _executable(argv: Sequence[str]) -> list[str]:
 
 def spawn(argv: Sequence[str], env: dict[str, str] | None = None,
           timeout: float = 4 * 3600) -> dict[str, Any]:
-    """Run `argv` in a fresh process: wall time, exit code, peak memory, output tails."""
+    """Run `argv` in a fresh process: wall time, exit code, peak memory, output tails.
+
+    The repository goes on PYTHONPATH (for `python -m bench...`) unless `env` sets it: another
+    install's tlreg (tlreg-base) must not import this checkout's."""
     full_env = {**os.environ, **(env or {})}
-    full_env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    if "PYTHONPATH" not in (env or {}):
+        full_env["PYTHONPATH"] = os.pathsep.join(
+            [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         busy0 = _busy_cpu_s()
         t0 = time.perf_counter()
@@ -399,7 +403,8 @@ def figure2(s: Settings) -> dict[str, Any]:
                 out = s.work / f"fig2-{model.key}-tlreg-base-{rnd}"
                 argv = tlreg_train(s, model, "finetune", epochs, out)
                 runs.append(measure(s, 2, rnd, model, "tlreg-base", [s.base_tlreg, *argv[1:]],
-                                    env={"TLREG_CACHE_DIR": str(s.work / "fig2-base-cache")},
+                                    env={"TLREG_CACHE_DIR": str(s.work / "fig2-base-cache"),
+                                         "PYTHONPATH": ""},
                                     read=_read_run(out)))
             for loop in ("classic", "handtuned"):
                 if s.wanted(loop):
