@@ -262,6 +262,78 @@ def test_an_exported_artifact_carries_the_bank_and_older_readers_are_unaffected(
         predict(model, files[:1], reject_unfamiliar=0.5)
 
 
+def test_an_onnx_export_of_a_frozen_run_has_a_familiarity_output(confident_run, tmp_path, cli):
+    """The bank goes into model.onnx as a second output: onnxruntime alone gives the run's
+    familiarity (to one val rank) and `predict model.onnx --reject-unfamiliar` rejects what
+    the run rejects; --no-familiarity, or a run with no bank, writes a version-1 file with one
+    output, and --reject-unfamiliar on it is one clear error."""
+    ort = pytest.importorskip("onnxruntime", reason="the [onnx] extra")
+    from test_artifact import make_run
+
+    from tlreg.models.transfer import create_model
+
+    data, run = confident_run
+    files = sorted(str(p) for p in (data / "val").rglob("*.png"))
+    out = tmp_path / "onnx"
+    code, _, err = cli("export", str(run), str(out), "--format", "onnx",
+                       "--check-images", str(data / "val"))
+    assert code == 0, err
+    cfg = json.loads((out / "preprocess.json").read_text())
+    assert cfg["format_version"] == 2 and cfg["familiarity_output"] == "familiarity"
+    assert cfg["familiarity"] == {"k": 5, "bank_images": 32, "val_images": 18}
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["logits", "familiarity"]
+    from_run = predict(load_model(str(run)), files, reject_unfamiliar=0.5)
+    from_onnx = predict(load_model(str(out)), files, reject_unfamiliar=0.5)
+    step = 1 / 19  # 18 val scores: p-values move in steps of 1/19
+    # A val image ties with its own stored score, so float rounding may move it by one step;
+    # other images (here the training images) rarely sit that close to a val score.
+    assert [r["familiarity"] for r in from_onnx] == pytest.approx(
+        [r["familiarity"] for r in from_run], abs=step + 1e-6)
+    train = sorted(str(p) for p in (data / "train").rglob("*.png"))
+    got, want = ([r["familiarity"] for r in predict(load_model(str(src)), train,
+                                                    reject_unfamiliar=0.5)] for src in (out, run))
+    assert got == pytest.approx(want, abs=step + 1e-6)
+    assert sum(abs(g - w) < 1e-6 for g, w in zip(got, want, strict=True)) >= 0.9 * len(train)
+    assert [r["rejected"] for r in from_onnx] == [f["familiarity"] < 0.5 for f in from_onnx]
+    assert any(r["rejected"] for r in from_onnx) and not all(r["rejected"] for r in from_onnx)
+    # the CLI, and the plain path (no --reject-unfamiliar) gives no familiarity
+    code, text, err = cli("predict", str(out / "model.onnx"), *files, "--reject-unfamiliar",
+                          "0.5", "--json")
+    assert code == 0, err
+    assert [r["label"] for r in json.loads(text)] == [r["label"] for r in from_onnx]
+    assert "familiarity" not in predict(load_model(str(out)), files[:2])[0]
+    # batches of one: the same values
+    code, _, err = cli("export", str(run), str(tmp_path / "fixed"), "--format", "onnx",
+                       "--no-dynamic-batch")
+    assert code == 0, err
+    fixed = predict(load_model(str(tmp_path / "fixed")), files, reject_unfamiliar=0.5)
+    assert [r["familiarity"] for r in fixed] == pytest.approx(
+        [r["familiarity"] for r in from_onnx], abs=step + 1e-6)
+    # half precision: within the tolerance export checks (10 val ranks)
+    code, _, err = cli("export", str(run), str(tmp_path / "half"), "--format", "onnx", "--fp16")
+    assert code == 0, err
+    half = predict(load_model(str(tmp_path / "half")), files, reject_unfamiliar=0.5)
+    assert [r["familiarity"] for r in half] == pytest.approx(
+        [r["familiarity"] for r in from_run], abs=10 * step + 1e-6)
+    # --no-familiarity: the version-1 file any tlreg reads
+    code, _, err = cli("export", str(run), str(tmp_path / "plain"), "--format", "onnx",
+                       "--no-familiarity")
+    assert code == 0, err
+    plain = json.loads((tmp_path / "plain" / "preprocess.json").read_text())
+    assert plain["format_version"] == 1 and "familiarity_output" not in plain
+    code, _, err = cli("predict", str(tmp_path / "plain"), files[0], "--reject-unfamiliar",
+                       "0.5")
+    assert code == 2 and "has none" in err and "--reject-below" in err, err
+    # asking for the output from a run with no bank: one error, nothing written
+    bare = make_run(tmp_path / "bare", create_model(BACKBONE, 2, pretrained=False,
+                                                    label_names=["blue", "red"]))
+    code, _, err = cli("export", str(bare), str(tmp_path / "nothing"), "--format", "onnx",
+                       "--familiarity")
+    assert code == 2 and "familiarity bank" in err, err
+    assert not (tmp_path / "nothing").exists()
+
+
 @pytest.mark.slow
 def test_unfamiliar_photos_are_rejected_and_held_out_val_kept(shared_dir, tmp_path):
     """Real weights and photos: efficientnet_lite0 frozen on hymenoptera's train folder (its

@@ -98,30 +98,56 @@ class OnnxModel:
         """One label per image: the temperature fitted on val (softmax(logits / T)), or None."""
         return self.config.get("temperature") if self.thresholds is None else None
 
+    @property
+    def has_familiarity(self) -> bool:
+        """Whether the graph also gives each image's familiarity (a frozen run's export)."""
+        return self.config.get("familiarity_output") is not None
+
     def run(self, x: np.ndarray) -> np.ndarray:
         """Logits (float32) for a preprocessed (N, C, H, W) batch."""
+        return self.scores(x, familiar=False)[0]
+
+    def scores(self, x: np.ndarray,
+               familiar: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits and, where the graph has it and `familiar`, familiarity (float32), for a
+        preprocessed (N, C, H, W) batch; outputs asked for by name, the others not computed."""
         import numpy as np
 
+        names = [self.config.get("output_name", "logits")]
+        if familiar and self.has_familiarity:
+            names.append(self.config["familiarity_output"])
         inp = self.session.get_inputs()[0]
         if "float16" in inp.type:
             x = x.astype(np.float16)
         batch = inp.shape[0]
         if isinstance(batch, int) and len(x) != batch:  # exported with --no-dynamic-batch
-            return np.concatenate([self.run(x[i:i + 1]) for i in range(len(x))]) if len(
-                x) else np.empty((0, len(self.label_names)), np.float32)
-        (out,) = self.session.run(None, {inp.name: x})
-        return np.asarray(out, dtype=np.float32)
+            parts = [self.scores(x[i:i + 1], familiar) for i in range(len(x))]
+            empty = (np.empty((0, len(self.label_names)), np.float32),
+                     np.empty(0, np.float32) if len(names) > 1 else None)
+            return (np.concatenate([p[0] for p in parts]),
+                    None if len(names) == 1 else np.concatenate([p[1] for p in parts])) \
+                if parts else empty
+        out = [np.asarray(o, dtype=np.float32)
+               for o in self.session.run(names, {inp.name: x})]
+        return out[0], out[1] if len(out) > 1 else None
 
     def logits(self, files: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, list[int]]:
         """Logits for the decodable files (in order) and the positions that failed to decode,
         decoded as training decodes them (tlreg.data.images.load_rgb)."""
+        logits, _, failed = self.outputs(files, batch_size, familiar=False)
+        return logits, failed
+
+    def outputs(self, files: Sequence[str], batch_size: int = 32, familiar: bool = True
+                ) -> tuple[np.ndarray, np.ndarray | None, list[int]]:
+        """`logits` and, where the graph has it and `familiar`, each file's familiarity."""
         import warnings
 
         import numpy as np
 
         from tlreg.data.images import load_rgb
 
-        out, failed, batch = [], [], []
+        familiar = familiar and self.has_familiarity
+        out, fam, failed, batch = [], [], [], []
         for i, f in enumerate(files):
             try:
                 batch.append(self.preprocess(load_rgb(f)))
@@ -129,10 +155,15 @@ class OnnxModel:
                 warnings.warn(f"skipping unreadable image {f}: {exc}", stacklevel=2)
                 failed.append(i)
             if len(batch) == batch_size or (i == len(files) - 1 and batch):
-                out.append(self.run(np.stack(batch)))
+                logits, familiarity = self.scores(np.stack(batch), familiar)
+                out.append(logits)
+                fam.append(familiarity)
                 batch = []
-        return (np.concatenate(out) if out else np.empty((0, len(self.label_names)),
-                                                          np.float32)), failed
+        logits = (np.concatenate(out) if out
+                  else np.empty((0, len(self.label_names)), np.float32))
+        if not familiar:
+            return logits, None, failed
+        return logits, (np.concatenate(fam) if fam else np.empty(0, np.float32)), failed
 
 
 def load_onnx(source: str | os.PathLike[str], device: str = "cpu") -> OnnxModel:
@@ -166,4 +197,8 @@ def load_onnx(source: str | os.PathLike[str], device: str = "cpu") -> OnnxModel:
     if isinstance(n_out, int) and n_out != len(cfg["label_names"]):
         raise UsageError(f"{where} names {len(cfg['label_names'])} labels but {model_path} "
                          f"gives {n_out} outputs")
+    wanted = cfg.get("familiarity_output")
+    if wanted is not None and wanted not in {o.name for o in session.get_outputs()}:
+        raise UsageError(f"{where} names a {wanted!r} output that {model_path} does not have; "
+                         f"export it again with `tlreg export RUN OUT --format onnx`")
     return OnnxModel(model_path, session, Preprocess.from_config(cfg), cfg)

@@ -75,13 +75,14 @@ def _logits(model: TransferModel, samples: Sequence[Sample], batch_size: int,
     from tlreg.data.images import make_loader
     from tlreg.data.tta import get_tta, tta_logits
     from tlreg.engine.familiarity import familiarity
+    from tlreg.engine.runtime import reuse_freed_memory
 
     views = get_tta(tta)(model.data_config)
     loader = make_loader(list(samples), views.transform, batch_size=batch_size,
                          shuffle=False, seed=0, workers=0)
     model = model.to(device).eval()
     out, failed, feats = [], [], []
-    with torch.inference_mode():
+    with torch.inference_mode(), reuse_freed_memory(next(model.parameters()).device):
         for batch in loader:
             failed += batch.bad
             if not len(batch.labels):
@@ -150,20 +151,23 @@ def predict(model: TransferModel | OnnxModel, inputs: Sequence[str], *, top_k: i
     check_reject_below(reject_below)
     check_reject_below(reject_unfamiliar, "reject_unfamiliar")
     if isinstance(model, OnnxModel):
-        if reject_unfamiliar is not None:
-            raise UsageError("--reject-unfamiliar needs the run's PyTorch model (an ONNX file "
-                             "has no feature output); use --reject-below with model.onnx")
+        if reject_unfamiliar is not None and not model.has_familiarity:
+            raise UsageError("--reject-unfamiliar needs an ONNX export of a run whose backbone "
+                             "stayed frozen (its model.onnx has a familiarity output); this "
+                             "one has none: export that run, or use --reject-below")
         _check_counts(batch_size, top_k)
         if tta != "none":
             raise UsageError(f"--tta {tta} needs the PyTorch model; an ONNX model predicts "
                              f"with --tta none")
         _check_reject(reject_below, model.thresholds)
         files = expand_inputs(inputs, path_column)
-        out, failed = model.logits(files, batch_size)
+        out, fam, failed = model.outputs(files, batch_size,
+                                         familiar=reject_unfamiliar is not None)
         t = model.temperature if calibrated else None
         return format_predictions(files, out.tolist(), _probabilities(out, model.thresholds, t),
                                   failed, model.label_names, model.thresholds, top_k,
-                                  reject_below)
+                                  reject_below, None if fam is None else fam.tolist(),
+                                  reject_unfamiliar)
     _check_options(batch_size, device, top_k, tta)
     from tlreg.data.sources import Sample
 

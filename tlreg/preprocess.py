@@ -24,7 +24,12 @@ if TYPE_CHECKING:
 MODEL_FILE = "model.onnx"
 PREPROCESS_FILE = "preprocess.json"
 FORMAT_NAME = "tlreg-onnx"  # preprocess.json's "format"; tells an export folder apart
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this tlreg reads and writes
+#: A model.onnx with a second output, each image's familiarity (tlreg.engine.familiarity): a
+#: reader that knows only version 1 runs the graph as if it had one output.
+FAMILIARITY_VERSION = 2
+FAMILIARITY_OUTPUT = "familiarity"
+PLAIN_VERSION = 1  # an export without the familiarity output
 SINGLE_LABEL = "single_label_classification"  # the names of tlreg.engine.objective
 MULTI_LABEL = "multi_label_classification"
 
@@ -178,7 +183,7 @@ def deploy_config(preprocess: Preprocess, labels: Sequence[str], problem_type: s
                   thresholds: Sequence[float] | None, temperature: float | None = None,
                   **extra: Any) -> dict[str, Any]:
     """preprocess.json: the transform, the labels and what the outputs mean (+ `extra`)."""
-    cfg: dict[str, Any] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+    cfg: dict[str, Any] = {"format": FORMAT_NAME, "format_version": PLAIN_VERSION,
                            **preprocess.to_json(), "label_names": list(labels),
                            "problem_type": problem_type}
     if problem_type == MULTI_LABEL:
@@ -207,4 +212,8 @@ def check_deploy_config(cfg: Any, where: str) -> dict[str, Any]:
         if not isinstance(t, list) or len(t) != len(labels):
             raise UsageError(f"{where}: a multi-label model needs one threshold per label")
     check_temperature(cfg.get("temperature"), f"{where}: temperature")
+    out = cfg.get("familiarity_output")
+    if out is not None and (not isinstance(out, str) or cfg["format_version"] < 2):
+        raise UsageError(f"{where}: familiarity_output must name an output of a format "
+                         f"version 2 file, got {out!r}")
     return cfg

@@ -66,6 +66,11 @@ def export(
         None, "--dynamic-batch/--no-dynamic-batch",
         help="onnx: a dynamic batch axis (default) or batches of one."),
     fp16: bool = typer.Option(False, "--fp16", help="onnx: half-precision weights and inputs."),
+    familiarity: bool | None = typer.Option(
+        None, "--familiarity/--no-familiarity",
+        help="onnx: a second output, each image's familiarity, for predict "
+             "--reject-unfamiliar (default: when the run is frozen; --no-familiarity writes a "
+             "file any tlreg reads)."),
     check_images: list[str] | None = typer.Option(
         None, "--check-images", help="onnx: images (files or folders) the export is checked "
                                      "on against PyTorch (default: synthetic ones)."),
@@ -75,7 +80,8 @@ def export(
 
     # An exporter's own options, passed only when given (exporters ignore what they do not use).
     options: dict[str, Any] = {k: v for k, v in {
-        "opset": opset, "dynamic_batch": dynamic_batch, "fp16": fp16 or None}.items()
+        "opset": opset, "dynamic_batch": dynamic_batch, "fp16": fp16 or None,
+        "familiarity": familiarity}.items()
         if v is not None}
     if check_images:
         from tlreg.predict import expand_inputs
