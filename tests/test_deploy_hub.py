@@ -180,6 +180,10 @@ def test_export_folders_are_checked_before_anything_is_pushed(hub: LocalHub, tmp
     (timm_dir / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     code, _, err = run_cli(monkeypatch, capsys, "push", str(timm_dir), REPO)
     assert code != 0 and "model.safetensors is not a valid safetensors file" in err, err
+    config = timm_dir / "config.json"  # a config too large to be one is never parsed
+    config.write_text('{"architecture": "resnet18", "pad": "' + "x" * (1 << 20) + '"}')
+    code, _, err = run_cli(monkeypatch, capsys, "push", str(timm_dir), REPO)
+    assert code != 0 and "no readable timm config.json" in err and "larger than" in err, err
     code, _, err = run_cli(monkeypatch, capsys, "push", str(run / "checkpoints"), REPO)
     assert code != 0 and "not a tlreg artifact" in err, err
     code, _, err = run_cli(monkeypatch, capsys, "push", str(timm_dir), REPO, "--format", "onnx")

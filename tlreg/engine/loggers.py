@@ -278,6 +278,11 @@ class MLflowLog(Logger):
     `mlflow.db`, artifacts in `mlruns/`; MLflow 2: `mlruns/`). The experiment is
     MLFLOW_EXPERIMENT_NAME's, else `tlreg`. `--resume` continues the same MLflow run (its id
     and store are in the callback state), or starts a new one where the store lacks it.
+
+    An epoch's step values are sent with the epoch, once it is saved: MLflow cannot take a
+    point back (TensorBoard's `purge_step`), and a run killed mid-epoch redoes that epoch's
+    steps when resumed, so sending them earlier logged them twice. A run that ends before its
+    epoch is saved drops them, as its history does.
     """
 
     def __init__(self, resume: bool = False) -> None:
@@ -287,6 +292,7 @@ class MLflowLog(Logger):
         self.tracking_uri: str | None = None
         self.client: Any = None
         self._stored_uri: str | None = None
+        self._unsaved: list[tuple[int, dict[str, float]]] = []  # steps of the epoch under way
         # A bad store is one error before any work: here, or for a resumed run (which has no
         # probe phase) when it starts, once its state has said which store it is in.
         if distributed.is_main() and not (resume and not _env_uri()):
@@ -348,12 +354,16 @@ class MLflowLog(Logger):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
 
     def write_steps(self, rows: Sequence[tuple[int, dict[str, float]]]) -> None:
-        self._log(rows)
+        self._unsaved.extend(rows)
 
     def write_epoch(self, trainer: Any, epoch: int, scalars: Mapping[str, float]) -> None:
-        self._log([(epoch, scalars)])
+        rows, self._unsaved = self._unsaved, []
+        self._log([*rows, (epoch, scalars)])
 
     def finish(self, trainer: Any, status: str) -> None:
+        rows, self._unsaved = self._unsaved, []
+        if status == "FINISHED":  # steps after the last saved epoch (none in tlreg's loop)
+            self._log(rows)
         try:
             for name in ARTIFACTS:
                 path = Path(trainer.run_dir) / name

@@ -39,6 +39,7 @@ from tlreg.sharing.format import (
     ARTIFACT_FILES,
     CARD_FILE,
     CONFIG_FILE,
+    MAX_CONFIG_BYTES,
     REPO_ID_PLACEHOLDER,
     TIMM_WEIGHTS,
     check_no_pickles,
@@ -122,6 +123,8 @@ def _check_timm_folder(folder: Path) -> dict[str, Any]:
     from safetensors import SafetensorError, safe_open
 
     try:
+        if (folder / CONFIG_FILE).stat().st_size > MAX_CONFIG_BYTES:  # never parse a bomb
+            raise ValueError(f"larger than the {MAX_CONFIG_BYTES:,} bytes a config may have")
         cfg = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ArtifactError(f"{folder} has a {TIMM_WEIGHTS} but no readable timm "
