@@ -62,7 +62,7 @@ def dataset_features(data: DataSplit, backbone: str, *, pretrained: bool = True,
     from tlreg.data.images import build_transform, data_config_for
     from tlreg.engine.config import TrainConfig
     from tlreg.engine.inputs import Inputs
-    from tlreg.engine.runtime import Runtime, autocast_dtype, resolve_device
+    from tlreg.engine.runtime import Runtime, autocast_dtype, resolve_device, reuse_freed_memory
     from tlreg.models.backbones import weights_sha256
     from tlreg.models.transfer import create_model
 
@@ -90,9 +90,11 @@ def dataset_features(data: DataSplit, backbone: str, *, pretrained: bool = True,
         store = FeatureCache(cache_root(cache_dir), key, config.feature_dtype)
     inputs = Inputs(config, data_config, runtime, say)
     t0 = time.perf_counter()
-    x_train, y_train = inputs.features(model, list(data.train), store)
-    x_val, y_val = (inputs.features(model, list(data.val), store) if data.val
-                    else (torch.empty(0, model.feature_dim), torch.empty(0, dtype=torch.long)))
+    with reuse_freed_memory(dev):
+        x_train, y_train = inputs.features(model, list(data.train), store)
+        x_val, y_val = (inputs.features(model, list(data.val), store) if data.val
+                        else (torch.empty(0, model.feature_dim),
+                              torch.empty(0, dtype=torch.long)))
     seconds = time.perf_counter() - t0
     skipped = set(inputs.skipped)
     return DatasetFeatures(

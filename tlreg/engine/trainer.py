@@ -97,14 +97,19 @@ def lr_find(config: TrainConfig | None = None, **options: Any) -> Any:
         config = TrainConfig(**options)
     elif options:
         config = config.replace(**options)
+    from tlreg.engine.runtime import resolve_device, reuse_freed_memory
+
     trainer = Trainer(config.replace(lr=None, lr_find=True))
-    with distributed.session(config.device):
+    with distributed.session(config.device), reuse_freed_memory(resolve_device(config.device)):
         return trainer.sweep_lr()
 
 
 def _run(trainer: Trainer) -> RunResult:
+    from tlreg.engine.runtime import resolve_device, reuse_freed_memory
+
     # Under torchrun, join the process group for this run (a no-op for one process).
-    with distributed.session(trainer.config.device), trainer.locked():
+    with distributed.session(trainer.config.device), trainer.locked(), \
+            reuse_freed_memory(resolve_device(trainer.config.device)):
         return trainer.run()
 
 
