@@ -119,16 +119,15 @@ class OnnxModel:
         inp = self.session.get_inputs()[0]
         if "float16" in inp.type:
             x = x.astype(np.float16)
-        batch = inp.shape[0]
-        if isinstance(batch, int) and len(x) != batch:  # exported with --no-dynamic-batch
-            parts = [self.scores(x[i:i + 1], familiar) for i in range(len(x))]
-            empty = (np.empty((0, len(self.label_names)), np.float32),
-                     np.empty(0, np.float32) if len(names) > 1 else None)
-            return (np.concatenate([p[0] for p in parts]),
-                    None if len(names) == 1 else np.concatenate([p[1] for p in parts])) \
-                if parts else empty
-        out = [np.asarray(o, dtype=np.float32)
-               for o in self.session.run(names, {inp.name: x})]
+        # A fixed batch axis (exported with --no-dynamic-batch) takes that many images a run.
+        step = inp.shape[0] if isinstance(inp.shape[0], int) else max(len(x), 1)
+        runs = [self.session.run(names, {inp.name: x[i:i + step]})
+                for i in range(0, len(x), step)]
+        if not runs:
+            return (np.empty((0, len(self.label_names)), np.float32),
+                    np.empty(0, np.float32) if len(names) > 1 else None)
+        out = [np.concatenate([r[j] for r in runs]).astype(np.float32)
+               for j in range(len(names))]
         return out[0], out[1] if len(out) > 1 else None
 
     def logits(self, files: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, list[int]]:

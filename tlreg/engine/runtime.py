@@ -42,6 +42,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 #: glibc's mallopt parameters (malloc.h) and their defaults
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+#: how many `reuse_freed_memory` blocks are open (a run's report may predict inside a train)
+_reuse_depth = 0
 
 
 def _glibc() -> Any:
@@ -69,22 +71,28 @@ def reuse_freed_memory(device: torch.device | str) -> Iterator[None]:
     the CPU; jemalloc or tcmalloc (LD_PRELOAD) do this job where a user has one, and this
     needs neither. Left alone where MALLOC_MMAP_MAX_ is set (the user's own glibc tuning wins)
     and off glibc; restored, and the heap trimmed, at the end, so a notebook or a test process
-    gets its memory back.
+    gets its memory back. Nested uses leave it to the outermost, so an inner one ending does
+    not hand the outer run's memory back mid-way.
     """
+    global _reuse_depth
     libc = _glibc() if str(device).split(":")[0] == "cpu" else None
     if libc is None or "MALLOC_MMAP_MAX_" in os.environ:
         yield
         return
     import ctypes
 
-    libc.mallopt(_M_MMAP_MAX, 0)
-    libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1))
+    if _reuse_depth == 0:
+        libc.mallopt(_M_MMAP_MAX, 0)
+        libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1))
+    _reuse_depth += 1
     try:
         yield
     finally:
-        libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
-        libc.malloc_trim(0)
+        _reuse_depth -= 1
+        if _reuse_depth == 0:
+            libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+            libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+            libc.malloc_trim(0)
 
 
 def seed_everything(seed: int) -> None:

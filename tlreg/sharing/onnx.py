@@ -124,7 +124,13 @@ def _bank(model: TransferModel, wanted: bool | None) -> dict[str, torch.Tensor] 
 
 
 def _with_familiarity(net: torch.nn.Module, bank: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """`net` with a second output: tlreg.engine.familiarity.familiarity of its features."""
+    """`net` with a second output: tlreg.engine.familiarity.familiarity of its features.
+
+    Restated here rather than traced from tlreg.engine.familiarity: that path chunks the bank
+    in a Python loop, reads k with .item() and counts with torch.searchsorted, none of which
+    the ONNX exporter turns into a graph. The same matmul, top-k and count in one expression
+    trace cleanly, and export checks the two agree.
+    """
     import torch
     from torch.nn.functional import normalize
 
