@@ -197,7 +197,7 @@ def spawn(argv: Sequence[str], env: dict[str, str] | None = None,
         out.seek(0)
         err.seek(0)
         return {"wall_s": wall, "rc": proc.returncode, "peak_rss_kb": usage.ru_maxrss,
-                "cpu_s": own, "other_cpu_s": other,
+                "cpu_s": own, "other_cpu_s": other, "minor_faults": usage.ru_minflt,
                 "other_cpu_share": (None if other is None
                                     else other / (wall * (os.cpu_count() or 1))),
                 "tree_peak_rss_kb": peak[0] or None, "in_process": False,
@@ -665,7 +665,8 @@ def _header(data: dict[str, Any], results: Path) -> list[str]:
     return [
         f"- Machine: {env['cpu']}, {env['cores']} cores, {env['memory_gib']} GiB; "
         f"Python {v['python']}, torch {v['torch']}, torchvision {v['torchvision']}, "
-        f"timm {v['timm']}, tlreg {v['tlreg']}.",
+        f"timm {v['timm']}, tlreg {v['tlreg']}"
+        + "".join(f", {k}={val}" for k, val in env.get("malloc_env", {}).items()) + ".",
         f"- Commit `{(env['commit'] or 'unknown')[:12]}`"
         f"{' (uncommitted changes)' if env['dirty'] else ''}, {data['timestamp']}, "
         f"{data['runs_per_variant']} interleaved run(s) per variant"
