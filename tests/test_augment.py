@@ -13,7 +13,7 @@ from images import colour_folder
 from PIL import Image
 
 from tlreg.data.augment import KEEP_CROPS, KEEP_FLIPS, TIMM, choose, keeps
-from tlreg.data.decoded import BatchAugment
+from tlreg.data.batched import BatchAugment
 from tlreg.engine.config import TrainConfig
 from tlreg.engine.probe import spread as _spread
 from tlreg.engine.trainer import fit
@@ -82,7 +82,7 @@ def test_sample_takes_every_class_and_is_seeded() -> None:
 
 def test_no_random_crop_is_the_eval_crop_on_both_paths() -> None:
     from tlreg.data.augment import Augment
-    from tlreg.data.decoded import BatchEval
+    from tlreg.data.batched import BatchEval
     from tlreg.data.images import build_transform
 
     config = {"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3,

@@ -19,7 +19,7 @@ from timm.layers import DropPath
 from timm.loss import SoftTargetCrossEntropy
 
 from tlreg.data.augment import AUGMENTS, TIMM, of_config
-from tlreg.data.decoded import BatchAugment
+from tlreg.data.batched import BatchAugment
 from tlreg.data.images import build_transform
 from tlreg.data.mixup import BatchMix
 from tlreg.engine import objective

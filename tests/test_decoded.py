@@ -8,7 +8,8 @@ import pytest
 import torch
 from images import HYMENOPTERA, colour_folder, hymenoptera_subset
 
-from tlreg.data.decoded import BatchAugment, BatchEval, decode_all, short_side_for
+from tlreg.data.batched import BatchAugment, BatchEval
+from tlreg.data.decoded import decode_all, short_side_for
 from tlreg.data.images import build_transform, load_rgb
 from tlreg.data.sources import Sample
 from tlreg.engine.config import TrainConfig
@@ -64,7 +65,7 @@ def _augment_step_by_step(img: torch.Tensor, idx: int, seed: int) -> torch.Tenso
     """The augmentation written plainly, one operation at a time (the folded matrix's spec)."""
     import torch.nn.functional as F
 
-    from tlreg.data.decoded import _params
+    from tlreg.data.batched import _params
 
     top, left, h, w, flip, jit = _params(seed, idx, img.shape[1], img.shape[2],
                                          (0.08, 1.0), (3 / 4, 4 / 3))

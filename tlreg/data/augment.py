@@ -221,7 +221,7 @@ def measure(images: Sequence[torch.Tensor], labels: torch.Tensor,
     are tried strongest first and the first one kept ends its list; views are seeded, so the
     same images give the same answer.
     """
-    from tlreg.data.decoded import BatchAugment, BatchEval
+    from tlreg.data.batched import BatchAugment, BatchEval
 
     def accuracy(view: Callable[..., torch.Tensor]) -> float:
         correct = 0

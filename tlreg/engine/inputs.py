@@ -126,7 +126,7 @@ class Inputs:
 
     def prepare(self, data: DataSplit, augment: Augment) -> None:
         """Transforms for the image passes, and the decoded-image caches when they apply."""
-        from tlreg.data.decoded import BatchAugment, BatchEval, batch_unsupported
+        from tlreg.data.batched import BatchAugment, BatchEval, batch_unsupported
         from tlreg.data.images import build_transform
 
         cfg = self.config
@@ -314,7 +314,7 @@ class Inputs:
         """Features and labels of the decodable samples (cache hits cost no forward pass)."""
         import torch
 
-        from tlreg.data.decoded import BatchEval
+        from tlreg.data.batched import BatchEval
         from tlreg.data.features import cached_features
         from tlreg.data.images import build_transform, make_loader
 
