@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tlreg._io import atomic_write_json, checkpoint_dir
-from tlreg.engine import distributed, probe, record, replicas, sharding
+from tlreg._io import checkpoint_dir
+from tlreg.engine import distributed, epoch_end, probe, record, replicas, sharding
 from tlreg.engine.callbacks import Callback, Callbacks, EarlyStopping, Monitor
 from tlreg.engine.config import TrainConfig
 from tlreg.engine.loggers import build_loggers
@@ -169,7 +169,6 @@ class Trainer:
 
     def locked(self) -> Any:
         """One writer per run folder (rank 0 under DDP; tlreg.runs.rundir.locked)."""
-        import contextlib
 
         if not distributed.is_main():
             return contextlib.nullcontext()
@@ -506,127 +505,16 @@ class Trainer:
                 if self.stop_reason is not None:
                     break
 
-    def _score(self, loss: float, labels: list[Any], preds: list[Any],
-               prefix: str = "") -> tuple[dict[str, Any], dict[str, Any], list[float] | None]:
-        """One evaluation's report, its history columns and (multi-label) tuned thresholds."""
-        from tlreg.metrics import classification_report, multilabel_report, tune_thresholds
-
-        classes = self.data.classes
-        if self.data.multi_label:  # metrics at 0.5; the checkpoint keeps thresholds tuned here
-            report = multilabel_report(labels, preds, classes)
-            thresholds = tune_thresholds(labels, preds, len(classes))
-            scores = {"val_map": report["map"], "val_micro_f1": report["micro_f1"],
-                      "val_macro_f1": report["macro_f1"]}
-        else:
-            report, thresholds = classification_report(labels, preds, classes), None
-            scores = {"val_balanced_accuracy": report["balanced_accuracy"],
-                      "val_macro_f1": report["macro_f1"]}
-        scores = {"val_loss": loss, "val_accuracy": report["accuracy"], **scores}
-        return report, {prefix + k: v for k, v in scores.items()}, thresholds
-
-    def _end_epoch(self, epoch: int, train_loss: float, train_acc: float,
-                   evaluation: Evaluation, images: int, seconds: float,
-                   compiling: float | None = None, averaged: Evaluation | None = None) -> None:
-        from tlreg._io import save_checkpoint
-        from tlreg.engine.optim import layer_lrs
-        from tlreg.metrics import multilabel_report
-
-        val_loss, labels, preds, logits = evaluation
-        self.inputs.gather_skipped()
-        classes = self.data.classes
-        multi = self.data.multi_label
-        report, scores, thresholds = self._score(val_loss, labels, preds)
-        if thresholds is not None:
-            self._set_thresholds(thresholds)
-        row = {
-            "epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
-            **scores, "lr": layer_lrs(self.optimizer),
-            "trainable_params": self.model.num_trainable(), "seconds": seconds,
-            "images_per_second": images / seconds if seconds > 0 else None,
-        }
-        name = self.monitor.name
-        score, source = row[name], "model"
-        if averaged is not None:  # --ema: the average competes for best on the same metric
-            ema_report, ema_scores, ema_thresholds = self._score(*averaged[:3], prefix="ema_")
-            row |= ema_scores
-            if self.monitor.improves(row.get("ema_" + name), score):
-                score, source = row["ema_" + name], "ema"
-                report, labels, preds, logits, thresholds = (ema_report, *averaged[1:],
-                                                             ema_thresholds)
-        if compiling is not None:  # torch.compile's share of `seconds`
-            row["compile_seconds"] = compiling
-        self.history.append(row)
-        is_best = self.monitor.improves(score, self.best_score)
-        if is_best:
-            self.best_score, self.best_epoch, self.best_from = float(score), epoch + 1, source
-            self.best_thresholds = thresholds
-            self.best_calibration = self._calibrate(logits, labels)
-        self.callbacks.call("on_evaluate_end", self, epoch, row)
-        self.callbacks.call("on_epoch_end", self, epoch)
-        self._share_stop()
-        self.callbacks.call("on_save_checkpoint", self, epoch)
-        if distributed.is_main():  # every rank holds the same state; rank 0 saves it
-            if is_best:
-                with self.ema.swapped() if source == "ema" else contextlib.nullcontext():
-                    tensors, frozen = record.checkpoint_tensors(self)
-                    tensors = {k: v.clone() for k, v in tensors.items()} if source == "ema" \
-                        else tensors
-                extra = {"thresholds": thresholds,
-                         "report_tuned": multilabel_report(labels, preds, classes,
-                                                           thresholds)} if multi else {}
-                if (self.best_calibration or {}).get("temperature") is not None:
-                    extra["temperature"] = self.best_calibration["temperature"]
-                save_checkpoint(self.run_dir / "checkpoints" / "best", tensors,
-                                {"epoch": epoch + 1, "val_accuracy": report["accuracy"],
-                                 "monitor": self.monitor.name, "score": self.best_score,
-                                 "weights": source, "report": report, **extra}, frozen=frozen)
-                if logits is not None:
-                    record.write_val_predictions(self, epoch, source, labels, logits)
-            record.save_last(self, epoch)
-            atomic_write_json(self.run_dir / "history.json", self.history)
-        distributed.barrier()  # the epoch's files exist before any rank goes on
-        self.say(f"epoch {epoch + 1}/{self.config.epochs}  loss {train_loss:.4f}  "
-                 f"train acc {train_acc:.3f}  val loss {val_loss:.4f}  "
-                 f"val acc {report['accuracy']:.3f}"
-                 + (f"  val mAP {report['map']:.3f}" if multi else "")
-                 + f"  ({seconds:.1f}s"
-                 + (f", {compiling:.1f}s compiling)" if compiling else ")"))
-        if self.stop_reason is not None:
-            self.say(f"stopping early: {self.stop_reason}")
-        self.callbacks.call("on_epoch_saved", self, epoch)
-
-    def _calibrate(self, logits: torch.Tensor | None,
-                   labels: list[Any]) -> dict[str, Any] | None:
-        """Temperature scaling fitted on this epoch's val logits (one label per image; at
-        least two val images), with ECE before and after; None where it cannot apply."""
-        import torch
-
-        from tlreg.engine.calibration import calibrate
-
-        if not self.config.calibrate or logits is None or len(labels) < 2:
-            return None
-        fit = calibrate(logits, torch.tensor(labels, dtype=torch.long))
-        return {"temperature": fit.pop("temperature"), "fitted_on": "val",
-                "val_images": fit.pop("images"), **fit}
-
     @property
     def thresholds(self) -> list[float] | None:
         """Multi-label: the thresholds tuned on this epoch's val, which the model carries."""
         return list(self.model.info.thresholds) or None
 
-    def _set_thresholds(self, thresholds: list[float]) -> None:
-        """The in-memory model carries the thresholds of its weights (this epoch's)."""
-        from dataclasses import replace
-
-        self.model.info = replace(self.model.info, thresholds=tuple(thresholds))
-
-    def _share_stop(self) -> None:
-        """A stop any rank's callback asked for stops every rank, at the same epoch."""
-        asked = self._stop_asked
-        if distributed.world() > 1:
-            asked = next((r for r in distributed.all_gather_object(asked) if r), None)
-        if asked and self.stop_reason is None:
-            self.stop_reason = asked
+    def _end_epoch(self, epoch: int, train_loss: float, train_acc: float,
+                   evaluation: Evaluation, images: int, seconds: float,
+                   compiling: float | None = None, averaged: Evaluation | None = None) -> None:
+        epoch_end.end_epoch(self, epoch, train_loss, train_acc, evaluation, images, seconds,
+                            compiling, averaged)
 
     # -- the run's record -------------------------------------------------------------------
 
