@@ -12,9 +12,9 @@ from images import colour_folder
 
 from tlreg.engine import auto
 from tlreg.engine.config import TrainConfig
+from tlreg.engine.head_fit import cv_steps
 from tlreg.engine.solver import (
     cv_linear,
-    cv_steps,
     fit_logistic,
     logistic_objective,
     stratified_folds,

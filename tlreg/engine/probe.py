@@ -46,7 +46,7 @@ def feature_cache(t: Trainer) -> Any:
 
 def fit_head(t: Trainer, x: torch.Tensor, y: torch.Tensor) -> HeadFit:
     """The head fitted in place to its CV-chosen optimum on (x, y) (tlreg.engine.solver)."""
-    from tlreg.engine.solver import fit_head as solve
+    from tlreg.engine.head_fit import fit_head as solve
     from tlreg.models.transfer import build_head
 
     cfg, info = t.config, t.model.info
