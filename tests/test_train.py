@@ -402,10 +402,10 @@ def test_cpu_feature_pass_decodes_first_and_feeds_the_backbone_the_same_inputs(
 def test_decoded_cache_is_off_for_crop_modes_it_cannot_reproduce(
         colours: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    import tlreg.engine.trainer
+    import tlreg.engine.prepare
 
-    real = tlreg.engine.trainer._data_config
-    monkeypatch.setattr(tlreg.engine.trainer, "_data_config",
+    real = tlreg.engine.prepare._data_config
+    monkeypatch.setattr(tlreg.engine.prepare, "_data_config",
                         lambda model, size: {**real(model, size), "crop_mode": "squash"})
     calls = _count_decodes(monkeypatch)
     fit(tiny(colours, tmp_path / "ft", policy="finetune", epochs=1, decoded_cache="memory",

@@ -30,8 +30,8 @@ app = typer.Typer(
 )
 
 # Each module defines `register(app)`; one per area so a newcomer finds a command by its name.
-_COMMAND_MODULES = ("registry", "train", "predict", "rank", "audit", "report", "optim", "hub",
-                    "demo")
+_COMMAND_MODULES = ("registry", "train", "cache", "predict", "rank", "audit", "report", "optim",
+                    "hub", "demo")
 
 _state = {"debug": False}
 

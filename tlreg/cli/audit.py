@@ -10,7 +10,7 @@ import typer
 from tlreg.analysis.audit import KINDS, MIN_SIDE
 from tlreg.analysis.duplicates import DUPLICATE_THRESHOLD, OUTLIER_Z
 from tlreg.cli._output import print_json, print_table
-from tlreg.cli.train import with_source_flags
+from tlreg.cli.options import with_source_flags
 
 if TYPE_CHECKING:
     from tlreg.analysis.audit import AuditReport

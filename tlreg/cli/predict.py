@@ -8,7 +8,7 @@ from typing import Any
 import typer
 
 from tlreg.cli._output import print_json, print_table
-from tlreg.cli.train import Tta, with_source_flags
+from tlreg.cli.options import Tta, with_source_flags
 from tlreg.data.tta import get_tta
 
 

@@ -1,58 +1,38 @@
-"""CLI commands: `train`, `lr-find`, `cache`."""
+"""CLI commands: `train`, `lr-find`."""
 
 from __future__ import annotations
 
 import functools
 import inspect
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import typer
 
 from tlreg.cli._output import print_json, print_table
+from tlreg.cli.options import (
+    SOURCE_OPTIONS,
+    ImageColumn,
+    LabelColumn,
+    LabelDelimiter,
+    MultiLabel,
+    PathColumn,
+    Root,
+    SourceArg,
+    SplitColumn,
+    parse_kv,
+    source_args,
+)
 from tlreg.data.augment import AUGMENTS
-from tlreg.data.tta import TTA
 from tlreg.engine.callbacks import MONITORS
 from tlreg.engine.loggers import LOGGERS
 from tlreg.engine.schedulers import SCHEDULERS
 from tlreg.errors import UsageError
 
-cache_app = typer.Typer(help="Inspect or clear the feature and decoded-image caches.",
-                        no_args_is_help=True)
-
 
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
     app.command("lr-find")(_with_json(lr_find))
-    app.add_typer(cache_app, name="cache")
-
-
-#: Options of the built-in sources that have their own flags; they go to `source_args`.
-SOURCE_OPTIONS = ("path_column", "label_column", "split_column", "image_column", "root",
-                  "label_delimiter", "multi_label")
-
-# Declared once, used by `train` and `eval` (both open a source).
-PathColumn = Annotated[str | None, typer.Option(
-    "--path-column", help="Table column of image paths (csv; default 'path').")]
-LabelColumn = Annotated[str | None, typer.Option(
-    "--label-column", help="Column of labels (csv default 'label'; hf: a ClassLabel).")]
-SplitColumn = Annotated[str | None, typer.Option(
-    "--split-column", help="Table column of train / val / test (csv; 'split' if there).")]
-ImageColumn = Annotated[str | None, typer.Option(
-    "--image-column", help="Column of images (hf; default: the first Image column).")]
-Root = Annotated[str | None, typer.Option(
-    "--root", help="Folder the table's paths are relative to (default: the table's).")]
-LabelDelimiter = Annotated[str | None, typer.Option(
-    "--label-delimiter", help="Separator of several labels in one cell (csv): multi-label.")]
-MultiLabel = Annotated[bool | None, typer.Option(
-    "--multi-label/--single-label",
-    help="Several labels per image: sigmoid outputs, BCE, thresholds tuned on val (default: "
-    "detected from the labels; csv and hf).")]
-SourceArg = Annotated[list[str] | None, typer.Option(
-    "--source-arg", help="key=value for the data source (a plugin's options).")]
-# `eval` and `predict`: test-time augmentation, the mean logits of several views per image.
-Tta = Annotated[str, typer.Option(
-    "--tta", help=f"Test-time augmentation: {' | '.join(TTA)} (mean logits of the views).")]
 
 
 LOG_HELP = (f"Log the run to {', '.join(LOGGERS)}; repeatable. csv (RUN/log.csv) is always on; "
@@ -67,54 +47,6 @@ def _with_json(command: Any) -> Any:
     command.__signature__ = sig.replace(parameters=[*sig.parameters.values(), flag])
     command.__annotations__ = {**command.__annotations__, "json_output": bool}
     return command
-
-
-#: The flags of every command that opens a data source, in the order help lists them.
-SOURCE_FLAGS: dict[str, Any] = {
-    "path_column": PathColumn, "label_column": LabelColumn, "split_column": SplitColumn,
-    "image_column": ImageColumn, "root": Root, "label_delimiter": LabelDelimiter,
-    "multi_label": MultiLabel, "source_arg": SourceArg,
-}
-
-
-def with_source_flags(command: Any) -> Any:
-    """`command` with the data-source flags (SOURCE_FLAGS) added after its own; it receives
-    them as one keyword argument, `sources` (the source's keyword arguments).
-
-    Declared once here, so `eval`, `rank` and `audit` take a table or `hf:` data set as
-    `train` does."""
-    sig = inspect.signature(command, eval_str=True)
-    own = [p for p in sig.parameters.values() if p.name != "sources"]
-    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
-                               default=None) for name, kind in SOURCE_FLAGS.items()]
-
-    @functools.wraps(command)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        flags = {name: kwargs.pop(name, None) for name in SOURCE_FLAGS}
-        return command(*args, sources=source_args(flags, flags.pop("source_arg")), **kwargs)
-
-    run.__signature__ = sig.replace(parameters=[*own, *added])  # type: ignore[attr-defined]
-    return run
-
-
-def source_args(values: dict[str, Any], source_arg: list[str] | None) -> dict[str, Any]:
-    """The source's keyword arguments: the flags in SOURCE_OPTIONS that were given, then
-    `--source-arg key=value` pairs."""
-    given = {k: v for k, v in values.items() if k in SOURCE_OPTIONS and v is not None}
-    return given | parse_kv(source_arg, "source-arg")
-
-
-def parse_kv(items: list[str] | None, what: str) -> dict[str, Any]:
-    """`key=value` pairs; values are read as YAML (numbers, lists, booleans, null)."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--{what} takes key=value, got {item!r}")
-        out[key.replace("-", "_")] = yaml.safe_load(value)
-    return out
 
 
 def callback_args(names: list[str], items: list[str]) -> dict[str, dict[str, Any]]:
@@ -485,29 +417,3 @@ def _command_line(ctx: Any, skip: str) -> list[str]:
         else:
             opts += [param.opts[0], str(value)]
     return [*opts, "--", *args] if args else opts
-
-
-@cache_app.command("ls")
-def cache_ls(as_json: bool = typer.Option(False, "--json")) -> None:
-    """Feature- and decoded-image-cache entries: backbone, images, size."""
-    from tlreg.data.features import cache_root, list_entries
-
-    rows = list_entries()
-    if as_json:
-        print_json(rows)
-        return
-    print_table(
-        ["kind", "key", "backbone", "images", "MB"],
-        [(r["kind"], r["key"], r["backbone"] or "-", r["entries"], f"{r['bytes'] / 1e6:.2f}")
-         for r in rows],
-        title=f"caches in {cache_root()}",
-    )
-
-
-@cache_app.command("clear")
-def cache_clear() -> None:
-    """Remove every entry of the feature and decoded-image caches."""
-    from tlreg.data.features import cache_root, clear
-
-    n = clear()
-    typer.echo(f"removed {n} cache entries from {cache_root()}")

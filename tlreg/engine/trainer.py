@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tlreg._io import checkpoint_dir
-from tlreg.engine import distributed, epoch_end, probe, record, replicas, sharding
-from tlreg.engine.callbacks import Callback, Callbacks, EarlyStopping, Monitor
+from tlreg.engine import distributed, epoch_end, prepare, probe, record, replicas, sharding
+from tlreg.engine.callbacks import Callback, Callbacks, Monitor
 from tlreg.engine.config import TrainConfig
 from tlreg.engine.loggers import build_loggers
 from tlreg.errors import TlregError, UsageError
@@ -38,10 +38,6 @@ if TYPE_CHECKING:
     from tlreg.engine.runtime import Runtime
     from tlreg.engine.solver import HeadFit
     from tlreg.models.transfer import TransferModel
-
-
-#: A class under this share of the training images (positives, for multi-label) is small.
-SMALL_CLASS = 0.05
 
 
 class Interrupted(TlregError):
@@ -176,88 +172,6 @@ class Trainer:
 
     # -- set-up -----------------------------------------------------------------------------
 
-    def _resolve(self, data: DataSplit) -> None:
-        from tlreg.models.backbones import get_backbone
-        from tlreg.models.transfer import build_from_info, create_model
-
-        cfg = self.config
-        self.spec = get_backbone(cfg.backbone)
-        cfg = cfg.replace(head=cfg.head or self.spec.head, policy=cfg.policy or self.spec.policy,
-                          layer_decay=cfg.layer_decay or self.spec.layer_decay)
-        if not self.resume:
-            cfg = cfg.replace(policy_args=probe.lp_ft_args(cfg, cfg.policy, cfg.policy_args))
-        self.requested = cfg  # what the user asked for; plan() fills in the rest from it
-        if self.resume:
-            from tlreg._io import read_json
-            from tlreg.runs.checkpoint import info_from_dict
-
-            meta = read_json(self.run_dir / "model.json")
-            self.model = build_from_info(info_from_dict(meta["info"]), pretrained=False,
-                                         drop_path=cfg.drop_path)
-            self.pretrained_sha256 = meta.get("pretrained_sha256")
-        else:
-            self.model = create_model(
-                cfg.backbone, len(data.classes), head=cfg.head, head_args=cfg.head_args,
-                policy=cfg.policy, policy_args=cfg.policy_args, pretrained=cfg.pretrained,
-                weights=cfg.weights, label_names=data.classes, drop_path=cfg.drop_path)
-            self.pretrained_sha256 = None
-        self.data_config = _data_config(self.model, cfg.img_size)
-        if not self.resume:
-            from dataclasses import replace
-
-            from tlreg.engine.objective import MULTI_LABEL
-
-            if cfg.img_size:
-                self.model.info = replace(self.model.info, data_config=self.data_config)
-            if data.multi_label:
-                self.model.info = replace(self.model.info, problem_type=MULTI_LABEL)
-        self.plan(len(data.train))
-
-    def _watch(self, data: DataSplit) -> None:
-        """The monitored metric (val_map by default for multi-label) and early stopping."""
-        from tlreg.engine.callbacks import MULTI_LABEL_MONITORS
-
-        cfg = self.config
-        name = cfg.monitor or ("val_map" if data.multi_label else "val_accuracy")
-        if name in MULTI_LABEL_MONITORS and not data.multi_label:
-            raise UsageError(f"--monitor {name} is a multi-label metric, and {cfg.data} has one "
-                             "label per image; use val_accuracy or val_loss")
-        self.config = cfg.replace(monitor=name)
-        self.monitor = Monitor(name, cfg.min_delta)
-        if cfg.early_stopping is not None:
-            self.callbacks.named.insert(0, ("early-stopping", EarlyStopping(
-                cfg.early_stopping, name, cfg.min_delta)))
-        if data.multi_label:
-            from tlreg.metrics import require_multilabel
-
-            require_multilabel()  # the extra's error before any work, not after an epoch
-
-    def _weigh(self, data: DataSplit, device: Any) -> None:
-        """--class-weights as a tensor; a warning when a small class is left unweighted."""
-        import warnings
-
-        import torch
-
-        from tlreg.engine.objective import class_counts, class_weights
-
-        if self.config.sampler == "balanced" and data.multi_label:
-            raise UsageError("--sampler balanced draws images by their class, and a multi-label "
-                             "image has several; use --class-weights auto (pos_weight) instead")
-        labels = [s.label for s in data.train]
-        weights = class_weights(self.config.class_weights, labels, data.classes)
-        self.class_weight = (None if weights is None else
-                             torch.tensor(weights, dtype=torch.float32, device=device))
-        counts = class_counts(labels, len(data.classes))
-        small = [c for c, n in zip(data.classes, counts, strict=True)
-                 if n < SMALL_CLASS * len(labels)]
-        if small and weights is None and self.config.sampler != "balanced":
-            warnings.warn(f"class{'es' if len(small) > 1 else ''} {', '.join(map(repr, small))} "
-                          f"{'are' if len(small) > 1 else 'is'} under {SMALL_CLASS:.0%} of the "
-                          "training images; --class-weights auto weighs the loss against the "
-                          "imbalance, --sampler balanced draws every class equally often (and "
-                          "--monitor val_balanced_accuracy picks the best epoch by it)",
-                          stacklevel=2)
-
     def plan(self, train_images: int) -> None:
         """The run's plan from what was asked (called again after `--policy auto` decided)."""
         from tlreg.engine.plan import plan_run
@@ -286,15 +200,15 @@ class Trainer:
             rundir.check_out_dir(self.run_dir, self.resume)
         data = open_source(cfg.data, cfg.val_split, cfg.seed, cfg.source_args)
         seed_everything(cfg.seed)
-        self._watch(data)
-        self._resolve(data)
+        prepare.watch(self, data)
+        prepare.resolve(self, data)
         cfg = self.config
         device = distributed.device_for(resolve_device(cfg.device))
         self.runtime = Runtime(device, autocast_dtype(cfg.precision, device), cfg.channels_last)
         self.device = device
         self.runtime.set_threads(loader_workers=cfg.workers)
         self.inputs = Inputs(cfg, self.data_config, self.runtime, self.say)
-        self._weigh(data, device)
+        prepare.weigh(self, data, device)
         model = self.model.to(device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -309,17 +223,18 @@ class Trainer:
             probe.probe_phase(self, data)  # --policy auto decides here; LP of LP-FT
             cfg = self.config
         self.inputs.config = cfg
-        self._build_optimizer(data)
+        self.build_optimizer(data)
         if cfg.lr_find and not self.resume:
-            self._find_lr(data)
+            prepare.find_lr(self, data)
         return data
 
-    def _build_optimizer(self, data: DataSplit) -> None:
-        from tlreg.engine.optim import build_optimizer
+    def build_optimizer(self, data: DataSplit) -> None:
+        """The optimizer (layer-wise rates) and scheduler, built once for the whole run."""
+        from tlreg.engine.optim import build_optimizer as layerwise
         from tlreg.engine.schedulers import build_scheduler
 
         cfg = self.config
-        self.optimizer = build_optimizer(
+        self.optimizer = layerwise(
             self.model, cfg.optimizer, lr=cfg.lr * self.lr_scale, layer_decay=cfg.layer_decay,
             weight_decay=cfg.weight_decay, backbone_lr_mult=cfg.backbone_lr_mult,
             min_lr=cfg.min_lr * self.lr_scale, momentum=cfg.momentum)
@@ -329,35 +244,6 @@ class Trainer:
             self.optimizer, cfg.scheduler, epochs=cfg.epochs, steps_per_epoch=steps,
             warmup_epochs=cfg.warmup_epochs, step_size=cfg.step_size, gamma=cfg.gamma,
             min_lr=cfg.min_lr * self.lr_scale)
-
-    def _find_lr(self, data: DataSplit) -> None:
-        """`--lr find`: the range test at the epoch-0 policy, then the suggested head rate.
-
-        The sweep leaves every weight, the optimizer and the RNGs as they were, so the run
-        that follows is exactly the run with `--lr` set to the rate it chose."""
-        from tlreg.engine import lr_find
-
-        cfg = self.config
-        self.model.apply_policy(0)
-        feed, runtime = self._feed(data)
-        result = lr_find.sweep(feed, self.optimizer,
-                               self.model.head if self.use_features else self.model,
-                               seed=cfg.seed, runtime=runtime,
-                               label_smoothing=cfg.label_smoothing,
-                               class_weight=self.class_weight)
-        found = distributed.broadcast_object(result)  # rank 0's sweep decides for every rank
-        chosen = found.suggestions.get("valley") or found.suggestions.get("steep")
-        if chosen is None:
-            raise UsageError(f"the learning-rate sweep stopped after {len(found.lrs)} steps, "
-                             "too few to suggest a rate; set --lr")
-        self.lr_sweep = found
-        self.config = cfg.replace(lr=chosen / self.lr_scale, lr_find=False)
-        self.requested = self.requested.replace(lr=self.config.lr, lr_find=False)
-        steep = found.suggestions.get("steep")
-        self.say(f"lr find: {len(found.lrs)} steps in {found.seconds:.1f}s ({found.stopped}); "
-                 f"valley {found.suggestions['valley']:.3g}"
-                 + (f", steep {steep:.3g}" if steep else "") + f": --lr {self.config.lr:.3g}")
-        self._build_optimizer(data)
 
     def sweep_lr(self) -> Any:
         """`tlreg lr-find`: the range test alone, OUT/lr_find.json and .png; trains nothing."""
@@ -409,7 +295,7 @@ class Trainer:
 
     # -- the epoch loop ---------------------------------------------------------------------
 
-    def _feed(self, data: DataSplit) -> tuple[Any, Runtime | None]:
+    def feed(self, data: DataSplit) -> tuple[Any, Runtime | None]:
         """The loop's batches (cached features, or images) and their runtime; built once."""
         from tlreg.engine.feeds import FeatureFeed, ImageFeed
 
@@ -444,7 +330,7 @@ class Trainer:
         from tlreg.engine.loop import SGD
 
         cfg = self.config
-        feed, runtime = self._feed(data)
+        feed, runtime = self.feed(data)
         if self.use_features:
             if cfg.solver == "cv":
                 def fit_once(x: torch.Tensor, y: torch.Tensor) -> HeadFit:
@@ -526,12 +412,6 @@ class Trainer:
         return row
 
 
-
-
-def _data_config(model: TransferModel, img_size: int | None) -> dict[str, Any]:
-    from tlreg.data.images import data_config_for
-
-    return data_config_for(model.data_config, img_size)
 
 
 def _say(config: TrainConfig, message: str) -> None:
