@@ -109,8 +109,8 @@ def test_disk_cache_is_reused_and_matches_memory(photos: Path, tmp_path: Path,
 
 
 @pytest.mark.parametrize(("need", "memory", "free", "want"), [
-    (10, 10, 0, "memory"), (11, 10, 22, "disk"), (11, 10, 21, "off"), (0, 0, 0, "memory")])
-def test_auto_chooses_memory_then_disk_then_off(need: int, memory: int, free: int,
+    (10, 10, 0, "memory"), (11, 10, 22, "disk"), (11, 10, 21, "stream"), (0, 0, 0, "memory")])
+def test_auto_chooses_memory_then_disk_then_stream(need: int, memory: int, free: int,
                                                 want: str) -> None:
     from tlreg.data.decoded import choose_mode
 
@@ -159,6 +159,34 @@ def test_auto_over_the_memory_budget_trains_from_disk(tmp_path: Path,
     assert out.count("memory-mapped on disk") == 1 and "(disk)" in out
     assert len(list((tmp_path / "c" / "decoded").glob("*/data.bin"))) == 2  # train, val
     assert all(torch.equal(ram[k], auto[k]) for k in ram)
+
+
+def test_auto_over_the_memory_and_disk_budgets_streams(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Too large for memory and for half the free disk: `auto` says so once, writes no cache,
+    and trains the weights the memory cache gives (not timm's per-image pipeline)."""
+    import tlreg.data.decoded as decoded
+
+    data = colour_folder(tmp_path / "data", per_class=4, val_per_class=2)
+
+    def run(name: str, **kw: object) -> dict[str, torch.Tensor]:
+        cfg = TrainConfig(data=str(data), out=str(tmp_path / name), backbone="timm:test_resnet",
+                          pretrained=False, policy="finetune", img_size=32, epochs=1,
+                          batch_size=4, workers=0, quiet=False, cache_dir=str(tmp_path / "c"),
+                          **kw)
+        return fit(cfg).model.state_dict()
+
+    ram = run("ram", decoded_cache="memory")
+    off = run("off", decoded_cache="off")
+    capsys.readouterr()
+    monkeypatch.setattr(decoded, "free_bytes", lambda folder: 100)
+    auto = run("auto", decoded_cache="auto", decoded_cache_gb=1e-6)
+    out = capsys.readouterr().out
+    assert out.count("more than half the free disk") == 1 and out.count("stream (") == 1
+    assert not (tmp_path / "c" / "decoded").exists()
+    assert all(torch.equal(ram[k], auto[k]) for k in ram)
+    assert not all(torch.equal(ram[k], off[k]) for k in ram)  # per-image: other weights
 
 
 def test_over_budget_warns_and_training_falls_back(tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ from tlreg.errors import UsageError
 SOURCE_OPTIONS = ("path_column", "label_column", "split_column", "image_column", "root",
                   "label_delimiter", "multi_label")
 
-# Declared once, used by `train` and `eval` (both open a source).
+# Declared once: `train` names them, `with_source_flags` adds them to every other command
+# that opens a source.
 PathColumn = Annotated[str | None, typer.Option(
     "--path-column", help="Table column of image paths (csv; default 'path').")]
 LabelColumn = Annotated[str | None, typer.Option(

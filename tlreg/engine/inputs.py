@@ -119,9 +119,10 @@ class Inputs:
         if mode == "disk":
             self.say(f"decoded-image cache: {gib}: memory-mapped on disk under "
                      f"{folder.parent}")
-        elif mode == "off":
-            self.say(f"decoded-image cache off: {gib} and more than half the free disk under "
-                     f"{folder.parent}; images are decoded every epoch")
+        elif mode == "stream":
+            self.say(f"decoded-image cache: {gib} and more than half the free disk under "
+                     f"{folder.parent}: stream (decoded again every epoch, augmented in "
+                     "batches)")
         return mode, need
 
     def prepare(self, data: DataSplit, augment: Augment) -> None:
@@ -146,11 +147,10 @@ class Inputs:
                      "transform")
             return
         need: list[int | None] = [None, None]
-        if mode == "auto":
-            mode, sizes = self.choose_decoded_mode(data)
+        chosen = mode == "auto"
+        if chosen:
+            mode, sizes = self.choose_decoded_mode(data)  # says why when not `memory`
             need = [*sizes]
-            if mode == "off":
-                return
         self.train_batch_tf = BatchAugment(
             self.data_config, scale=(augment.crop_scale, 1.0) if augment.crop_scale else None,
             hflip=augment.hflip, jitter=augment.color_jitter, reprob=augment.reprob,
@@ -163,8 +163,9 @@ class Inputs:
             val = self.decode_images(data.val, mode, need[1]) if train is not None else None
         if mode == "stream":
             self.streamed = True
-            self.say("decoded-image cache: stream (decoded again every epoch, augmented in "
-                     "batches)")
+            if not chosen:
+                self.say("decoded-image cache: stream (decoded again every epoch, augmented "
+                         "in batches)")
             return
         if train is None or val is None:  # over budget or unwritable (said): the per-image path
             return
