@@ -23,6 +23,8 @@ SMALL_CLASS = 0.05
 
 
 def resolve(t: Trainer, data: DataSplit) -> None:
+    """The backbone spec, the model (new, or rebuilt from model.json on --resume), the data
+    config, then the run's plan."""
     from tlreg.models.backbones import get_backbone
     from tlreg.models.transfer import build_from_info, create_model
 
@@ -39,7 +41,7 @@ def resolve(t: Trainer, data: DataSplit) -> None:
 
         meta = read_json(t.run_dir / "model.json")
         t.model = build_from_info(info_from_dict(meta["info"]), pretrained=False,
-                                     drop_path=cfg.drop_path)
+                                  drop_path=cfg.drop_path)
         t.pretrained_sha256 = meta.get("pretrained_sha256")
     else:
         t.model = create_model(
@@ -94,7 +96,7 @@ def weigh(t: Trainer, data: DataSplit, device: Any) -> None:
     labels = [s.label for s in data.train]
     weights = class_weights(t.config.class_weights, labels, data.classes)
     t.class_weight = (None if weights is None else
-                         torch.tensor(weights, dtype=torch.float32, device=device))
+                      torch.tensor(weights, dtype=torch.float32, device=device))
     counts = class_counts(labels, len(data.classes))
     small = [c for c, n in zip(data.classes, counts, strict=True)
              if n < SMALL_CLASS * len(labels)]
@@ -132,8 +134,8 @@ def find_lr(t: Trainer, data: DataSplit) -> None:
     t.requested = t.requested.replace(lr=t.config.lr, lr_find=False)
     steep = found.suggestions.get("steep")
     t.say(f"lr find: {len(found.lrs)} steps in {found.seconds:.1f}s ({found.stopped}); "
-             f"valley {found.suggestions['valley']:.3g}"
-             + (f", steep {steep:.3g}" if steep else "") + f": --lr {t.config.lr:.3g}")
+          f"valley {found.suggestions['valley']:.3g}"
+          + (f", steep {steep:.3g}" if steep else "") + f": --lr {t.config.lr:.3g}")
     t.build_optimizer(data)
 
 
