@@ -139,6 +139,16 @@ def test_disk_mode_without_the_disk_space_falls_back(photos: Path,
         assert decode_all(_samples(photos), CFG, mode="disk", workers=0, max_bytes=1) is None
 
 
+def _finetune_weights(data: Path, tmp_path: Path, name: str,
+                      **kw: object) -> dict[str, torch.Tensor]:
+    """One epoch of test_resnet fine-tuning on `data`, caches under tmp_path/c: its weights."""
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / name), backbone="timm:test_resnet",
+                      pretrained=False, policy="finetune", img_size=32, epochs=1, batch_size=4,
+                      workers=0, quiet=False, cache_dir=str(tmp_path / "c"),
+                      **kw)  # type: ignore[arg-type]
+    return fit(cfg).model.state_dict()
+
+
 def test_auto_over_the_memory_budget_trains_from_disk(tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]
                                                       ) -> None:
@@ -146,11 +156,7 @@ def test_auto_over_the_memory_budget_trains_from_disk(tmp_path: Path,
     data = colour_folder(tmp_path / "data", per_class=4, val_per_class=2)
 
     def run(name: str, **kw: object) -> dict[str, torch.Tensor]:
-        cfg = TrainConfig(data=str(data), out=str(tmp_path / name), backbone="timm:test_resnet",
-                          pretrained=False, policy="finetune", img_size=32, epochs=1,
-                          batch_size=4, workers=0, quiet=False, cache_dir=str(tmp_path / "c"),
-                          **kw)
-        return fit(cfg).model.state_dict()
+        return _finetune_weights(data, tmp_path, name, **kw)
 
     ram = run("ram", decoded_cache="memory")
     capsys.readouterr()
@@ -171,11 +177,7 @@ def test_auto_over_the_memory_and_disk_budgets_streams(
     data = colour_folder(tmp_path / "data", per_class=4, val_per_class=2)
 
     def run(name: str, **kw: object) -> dict[str, torch.Tensor]:
-        cfg = TrainConfig(data=str(data), out=str(tmp_path / name), backbone="timm:test_resnet",
-                          pretrained=False, policy="finetune", img_size=32, epochs=1,
-                          batch_size=4, workers=0, quiet=False, cache_dir=str(tmp_path / "c"),
-                          **kw)
-        return fit(cfg).model.state_dict()
+        return _finetune_weights(data, tmp_path, name, **kw)
 
     ram = run("ram", decoded_cache="memory")
     off = run("off", decoded_cache="off")
