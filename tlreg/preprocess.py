@@ -213,7 +213,8 @@ def check_deploy_config(cfg: Any, where: str) -> dict[str, Any]:
             raise UsageError(f"{where}: a multi-label model needs one threshold per label")
     check_temperature(cfg.get("temperature"), f"{where}: temperature")
     out = cfg.get("familiarity_output")
-    if out is not None and (not isinstance(out, str) or cfg["format_version"] < 2):
+    if out is not None and (not isinstance(out, str)
+                            or cfg["format_version"] < FAMILIARITY_VERSION):
         raise UsageError(f"{where}: familiarity_output must name an output of a format "
-                         f"version 2 file, got {out!r}")
+                         f"version {FAMILIARITY_VERSION} file, got {out!r}")
     return cfg

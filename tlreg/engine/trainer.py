@@ -165,7 +165,6 @@ class Trainer:
 
     def locked(self) -> Any:
         """One writer per run folder (rank 0 under DDP; tlreg.runs.rundir.locked)."""
-
         if not distributed.is_main():
             return contextlib.nullcontext()
         return rundir.locked(self.run_dir, self.resume, self.say)
