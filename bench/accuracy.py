@@ -11,9 +11,8 @@ option left at its default:
   chosen by `GridSearchCV` with 5 stratified folds on the training split only.
 
 Each `tlreg` run is a fresh process. Mean over `SEEDS` for the probe, `feature-extract` and
-`auto`, except where `auto` fine-tunes (the two large sets); `finetune` runs use 3 seeds on
-hymenoptera and the first seed elsewhere (marked): all of it at 3 seeds would not fit one
-session on these 2 cores. Results go
+`auto` and `finetune`, except on the two large sets (`ONE_SEED_FINETUNE`), where fine-tuning
+costs 10-20 minutes a run on these 2 cores and the first seed alone is run (marked). Results go
 to `bench/results/accuracy-NAME.json`; the table in docs/benchmarks.md is rebuilt from every
 such file, so one data set can be rerun alone:
 
@@ -106,8 +105,7 @@ def run_dataset(name: str, methods: tuple[str, ...], seeds: tuple[int, ...],
     result: dict[str, Any] = {"data": name, "near_imagenet": _datasets.NEAR_IMAGENET[name],
                               "runs": {}}
     for method in methods:
-        one = (method == "finetune" and name != "hymenoptera") or (
-            method == "auto" and name in ONE_SEED_FINETUNE)
+        one = method in ("finetune", "auto") and name in ONE_SEED_FINETUNE
         method_seeds = seeds[:1] if one else seeds
         runs = [train(data, work / f"{name}-{method}-{s}", cache, method, s)
                 for s in method_seeds]

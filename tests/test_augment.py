@@ -12,7 +12,7 @@ import yaml
 from images import colour_folder
 from PIL import Image
 
-from tlreg.data.augment import KEEP_CROPS, KEEP_FLIPS, TIMM, choose, keeps
+from tlreg.data.augment import KEEP_CROPS, KEEP_FLIPS, TIMM, choose, keeps, measure, weaker
 from tlreg.data.batched import BatchAugment
 from tlreg.engine.config import TrainConfig
 from tlreg.engine.probe import spread as _spread
@@ -68,6 +68,45 @@ def test_rule_keeps_the_strongest_views_the_probe_survives() -> None:
     a = choose(clean=0.9, crops={}, flipped=0.9, jitters={0.4: 0.1, 0.2: 0.1}, images=8)
     assert (a.crop_scale, a.color_jitter) == (0.0, 0.0)  # nothing measured, nothing kept
     assert keeps(0.0, 0.0)  # nothing to lose: a probe that labels nothing right keeps all
+
+
+def test_weaker_steps_down_the_knob_the_probe_labels_worst() -> None:
+    a = choose(clean=1.0, crops={0.08: 0.5, 0.25: 0.93}, flipped=0.96, jitters={0.4: 0.91},
+               images=100)
+    steps = [a]
+    while (step := weaker(steps[-1])) is not None:
+        steps.append(step)
+    got = [(s.crop_scale, s.hflip, s.color_jitter) for s in steps]
+    assert got == [(0.25, 0.5, 0.4), (0.25, 0.5, 0.2), (0.25, 0.5, 0.0), (0.5, 0.5, 0.0),
+                   (1.0, 0.5, 0.0), (0.0, 0.5, 0.0), (0.0, 0.0, 0.0)]
+
+
+def test_views_each_kept_alone_are_weakened_until_kept_together() -> None:
+    """A probe wrong only on mirrored and brightened views: alone each is kept, not together."""
+    config = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3,
+              "crop_pct": 1.0, "interpolation": "bilinear", "crop_mode": "center"}
+    ramp = torch.linspace(0, 255, 32).round().to(torch.uint8).expand(3, 32, 32).contiguous()
+    images = [ramp] * 64
+
+    def predict(batch: torch.Tensor) -> torch.Tensor:
+        mirrored = batch[..., :16].mean((1, 2, 3)) > batch[..., 16:].mean((1, 2, 3))
+        brightened = batch.mean((1, 2, 3)).abs() > 0.05  # a whole ramp's mean is 0
+        return (mirrored & brightened).long()
+
+    labels = torch.zeros(len(images), dtype=torch.long)
+    a = measure(images, labels, predict, config, batch_size=16, seed=0,
+                given={"crop_scale": 0.0})
+    m = a.measured
+    assert m["flipped_accuracy"] == 1.0 and m["jitter_accuracy"]["0.4"] == 1.0
+    assert m["crop_accuracy"]["0.08"] == 1.0  # alone, every view keeps the label
+    together = m["together"]
+    assert together[0] | {"accuracy": 0} == {"crop_scale": 0.0, "hflip": 0.5,
+                                              "color_jitter": 0.4, "accuracy": 0}
+    # Jitter steps down first (a tie with flips), then off: flips alone were measured above.
+    assert [s["color_jitter"] for s in together] == [0.4, 0.2]
+    assert all(s["accuracy"] < KEEP_CROPS for s in together)  # measured 0.55, 0.67
+    assert (a.crop_scale, a.hflip, a.color_jitter) == (0.0, 0.5, 0.0)  # the crop as given
+    assert a.reason.startswith("no random crops, flips, no colour jitter")
 
 
 def test_sample_takes_every_class_and_is_seeded() -> None:

@@ -5,7 +5,9 @@ colour jitter 0.4) is tuned for ImageNet from scratch. On other data it can dest
 an 8% crop of an upscaled 8x8 digit is a blob, and a mirrored "3" is no digit at all. After
 the linear probe of LP-FT, tlreg can ask the data: it shows the probe views of a stratified
 sample of training images (crops of a fixed area, and mirror images) and keeps an augmentation
-only if the frozen features and the probe still recognise most of those views. Fine-tuning
+only if the frozen features and the probe still recognise most of those views, alone and as
+training combines them (each knob passing alone let digits-imbalanced train on crops, flips and
+jitter together that the probe labelled 81% right). Fine-tuning
 then learns invariances the pretrained features nearly have, instead of being pushed, in a
 few epochs, towards ones that cost the label. (On the digits set the probe, right on every
 whole image, labelled 9% of 8% crops, 88% of whole images merely resized instead of
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from tlreg.errors import UsageError
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["AUGMENTS", "CROP_SCALES", "JITTERS", "TIMM", "Augment", "Preset", "check_auto_augment",
-           "choose", "keeps", "measure", "of_config", "preset_name", "settle"]
+           "choose", "keeps", "measure", "of_config", "preset_name", "settle", "weaker"]
 
 #: Candidate smallest crop areas, strongest first (1.0: the whole image, aspect jitter only);
 #: 0 (no random crop: the eval transform's centre crop) when every one loses the label.
@@ -43,6 +45,8 @@ KEEP_CROPS = 0.9
 #: ... and flips when mirror images keep this share (flips are all-or-nothing: a class that
 #: is not mirror-symmetric loses far more than a little).
 KEEP_FLIPS = 0.95
+#: Together, the views training shows (crops, flips and jitter at once) keep KEEP_CROPS too.
+KNOBS = ("crop_scale", "hflip", "color_jitter")
 
 
 @dataclass(frozen=True)
@@ -201,25 +205,69 @@ def choose(*, clean: float, crops: dict[float, float], flipped: float,
     measured = {"images": images, "clean_accuracy": clean, "flipped_accuracy": flipped,
                 "crop_accuracy": {str(s): a for s, a in crops.items()},
                 "jitter_accuracy": {str(j): a for j, a in jitters.items()}}
+    return _explained(Augment(scale, hflip, jitter, measured=measured))
+
+
+def _explained(a: Augment, together: float | None = None) -> Augment:
+    """`a` with its reason in words, from what `a.measured` holds."""
+    m = a.measured
+    scale = a.crop_scale
     crop = ("no random crops" if not scale else f"crops down to {scale:.0%} of the image"
             if scale < 1 else "crops of the whole image (aspect-ratio jitter only)")
-    kept = [crop,
-            "flips" if hflip else "no flips", f"colour jitter {jitter:g}" if jitter
-            else "no colour jitter"]
+    kept = [crop, "flips" if a.hflip else "no flips",
+            f"colour jitter {a.color_jitter:g}" if a.color_jitter else "no colour jitter"]
     reason = (f"{', '.join(kept)}: the views the probe still labels right (>= "
-              f"{KEEP_CROPS:.0%} of its {clean:.3f} on {images} whole training images; flips "
-              f">= {KEEP_FLIPS:.0%}: {flipped:.3f})")
-    return Augment(scale, hflip, jitter, reason, measured)
+              f"{KEEP_CROPS:.0%} of its {m['clean_accuracy']:.3f} on {m['images']} whole "
+              f"training images; flips >= {KEEP_FLIPS:.0%}: {m['flipped_accuracy']:.3f}")
+    if together is not None:
+        reason += f"; together: {together:.3f}"
+    return replace(a, reason=reason + ")")
+
+
+def _at(accuracy: dict[str, float], value: float, strongest_first: Sequence[float]) -> float:
+    """The probe's accuracy on a view, or a bound: that of the nearest stronger one measured."""
+    stronger = [accuracy[str(v)] for v in strongest_first[:list(strongest_first).index(value)]
+                if str(v) in accuracy] if value in strongest_first else []
+    return accuracy.get(str(value), stronger[-1] if stronger else 1.0)
+
+
+def weaker(a: Augment) -> Augment | None:
+    """`a` one step weaker where it costs the most: None when nothing is left to weaken.
+
+    The knob whose view alone the probe labels worst (`a.measured`) steps down: a crop floor
+    to the next larger area (then no random crop), jitter to the next smaller strength (then
+    none), flips off. Ties go to jitter, then crops, then flips.
+    """
+    m = a.measured
+    costs = []
+    if a.crop_scale:
+        costs.append((_at(m["crop_accuracy"], a.crop_scale, CROP_SCALES), "crop_scale"))
+    if a.hflip:
+        costs.append((m["flipped_accuracy"], "hflip"))
+    if a.color_jitter:
+        costs.append((_at(m["jitter_accuracy"], a.color_jitter, JITTERS), "color_jitter"))
+    if not costs:
+        return None
+    knob = min(costs)[1]
+    if knob == "crop_scale":
+        larger = [s for s in CROP_SCALES if s > a.crop_scale]
+        return replace(a, crop_scale=larger[0] if larger else 0.0)
+    if knob == "color_jitter":
+        smaller = [j for j in JITTERS if j < a.color_jitter]
+        return replace(a, color_jitter=smaller[0] if smaller else 0.0)
+    return replace(a, hflip=0.0)
 
 
 def measure(images: Sequence[torch.Tensor], labels: torch.Tensor,
             predict: Callable[[torch.Tensor], torch.Tensor], data_config: dict[str, Any], *,
-            batch_size: int, seed: int) -> Augment:
+            batch_size: int, seed: int, given: dict[str, float] | None = None) -> Augment:
     """Show `predict` (a normalised batch -> class ids) each candidate view, then `choose`.
 
     `images` are decoded uint8 tensors (tlreg.data.decoded), `labels` their classes. Candidates
     are tried strongest first and the first one kept ends its list; views are seeded, so the
-    same images give the same answer.
+    same images give the same answer. Then the views as training draws them (crops over
+    [floor, 1], flips at their rate, jitter, all at once) must keep KEEP_CROPS too, else
+    `weaker` steps down until they do. `given` (what the user set) is kept as it is.
     """
     from tlreg.data.batched import BatchAugment, BatchEval
 
@@ -246,5 +294,27 @@ def measure(images: Sequence[torch.Tensor], labels: torch.Tensor,
     jitters = strongest({j: BatchAugment(data_config, scale=None, jitter=j, hflip=0.0)
                          for j in JITTERS})
     flipped = accuracy(lambda ims, idx, s: whole(ims).flip(-1))
-    return choose(clean=clean, crops=crops, flipped=flipped, jitters=jitters,
-                  images=len(images))
+    given = given or {}
+    a = replace(choose(clean=clean, crops=crops, flipped=flipped, jitters=jitters,
+                       images=len(images)), **given)
+    steps: list[dict[str, float]] = []
+    together = None
+    while sum(bool(getattr(a, k)) for k in KNOBS) > 1:  # one knob alone is measured above
+        view = BatchAugment(data_config, scale=(a.crop_scale, 1.0) if a.crop_scale else None,
+                            jitter=a.color_jitter, hflip=a.hflip)
+        together = accuracy(view)
+        steps.append({k: getattr(a, k) for k in KNOBS} | {"accuracy": together})
+        step = None if keeps(clean, together) else weaker(replace(a, **dict.fromkeys(given, 0.0)))
+        if step is None:  # kept, or nothing left to weaken but what the user set
+            break
+        a, together = replace(step, **given), None
+        m = a.measured  # the next step's choice is by what each knob alone costs: measure it
+        if a.crop_scale and str(a.crop_scale) not in m["crop_accuracy"]:
+            m["crop_accuracy"][str(a.crop_scale)] = accuracy(BatchAugment(
+                data_config, scale=(a.crop_scale, a.crop_scale), jitter=0.0, hflip=0.0))
+        if a.color_jitter and str(a.color_jitter) not in m["jitter_accuracy"]:
+            m["jitter_accuracy"][str(a.color_jitter)] = accuracy(BatchAugment(
+                data_config, scale=None, jitter=a.color_jitter, hflip=0.0))
+    if steps:
+        a.measured["together"] = steps
+    return _explained(a, together)

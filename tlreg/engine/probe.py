@@ -126,7 +126,7 @@ def measure_augment(t: Trainer, data: DataSplit) -> None:
 
         a = measure([decoded.images[j] for j in ok],
                     torch.tensor([data.train[positions[j]].label for j in ok]), predict,
-                    t.data_config, batch_size=cfg.batch_size, seed=cfg.seed)
+                    t.data_config, batch_size=cfg.batch_size, seed=cfg.seed, given=user)
         if user:
             a = replace(a, **user, reason=a.reason + "; as set: " + ", ".join(
                 f"{k}={v:g}" for k, v in user.items()))
