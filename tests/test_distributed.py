@@ -121,6 +121,21 @@ if os.environ.get("T_SAMPLES"):  # the training indices this rank drew, one epoc
         return iter(drawn)
 
     sharding.WeightedShard.__iter__ = record
+if os.environ.get("T_ALIVE"):  # DDP wrappers still alive when the group is destroyed
+    import gc
+
+    from tlreg.engine import distributed
+
+    destroy = distributed.cleanup
+
+    def counted():
+        from torch.nn.parallel import DistributedDataParallel
+
+        alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+        Path(os.environ["T_ALIVE"], f"rank{rank}").write_text(str(alive))
+        destroy()
+
+    distributed.cleanup = counted
 from tlreg.cli import main
 
 main(sys.argv[1:])
@@ -259,11 +274,15 @@ def test_gradual_with_devices_shortcut_matches_one(data: Path, ref_gradual: Path
 def test_every_rank_on_the_whole_data_set_fails_the_comparison(
         data: Path, ref_finetune: Path, worker: Path, tmp_path: Path) -> None:
     """The deliberately wrong setup (no sharding) must not pass: the test can fail."""
-    out = tmp_path / "run"
+    out, alive = tmp_path / "run", tmp_path / "alive"
+    alive.mkdir()
     proc = torchrun(str(worker), *argv(data, out, options("finetune"), batch_size=4),
-                    T_WHOLE_DATA="1")
+                    T_WHOLE_DATA="1", T_ALIVE=str(alive))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert max_diff(out, ref_finetune) > 100 * TOL
+    # No DDP wrapper outlives the process group: one freed at interpreter exit can abort
+    # gloo's threads (a SIGABRT after a run that succeeded, seen in CI).
+    assert [(alive / f"rank{r}").read_text() for r in (0, 1)] == ["0", "0"]
 
 
 def test_feature_cache_under_ddp(data: Path, ref_features: Path, worker: Path, tmp_path: Path,

@@ -104,6 +104,12 @@ class ImageFeed:
 
         return torch.compile(module)
 
+    def release(self) -> None:
+        """Drop the DDP wrapper while the process group still exists (see Replicas.release)."""
+        if self.replicas is not None:
+            self._forward = self.model
+            self.replicas.release()
+
     def forward(self, epoch: int) -> Callable[[torch.Tensor], torch.Tensor]:
         if self.replicas is not None and self.replicas.stale():
             # Freeze first, then wrap: DDP syncs only what trained when it was built.

@@ -38,6 +38,16 @@ class Replicas:
     def stale(self) -> bool:
         return self.wrapped is None or _trainable(self.model) != self.trainable
 
+    def release(self) -> None:
+        """Free the wrapper now, before the process group is destroyed.
+
+        A DDP reducer keeps the group alive; one that outlives `destroy_process_group` is
+        freed at interpreter exit, where tearing down gloo's threads can abort the process
+        (SIGABRT, "terminate called without an active exception") after a run that succeeded.
+        """
+        self.wrapped, self.trainable = None, None
+        gc.collect()
+
     def module(self) -> nn.Module:
         """The module to call for training steps this epoch (rebuilt if the set changed)."""
         if not self.stale():

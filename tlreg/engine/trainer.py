@@ -97,7 +97,10 @@ def lr_find(config: TrainConfig | None = None, **options: Any) -> Any:
 
     trainer = Trainer(config.replace(lr=None, lr_find=True))
     with distributed.session(config.device), reuse_freed_memory(resolve_device(config.device)):
-        return trainer.sweep_lr()
+        try:
+            return trainer.sweep_lr()
+        finally:
+            trainer.leave_group()
 
 
 def _run(trainer: Trainer) -> RunResult:
@@ -106,7 +109,10 @@ def _run(trainer: Trainer) -> RunResult:
     # Under torchrun, join the process group for this run (a no-op for one process).
     with distributed.session(trainer.config.device), trainer.locked(), \
             reuse_freed_memory(resolve_device(trainer.config.device)):
-        return trainer.run()
+        try:
+            return trainer.run()
+        finally:
+            trainer.leave_group()
 
 
 def _resume_batch_size(run_dir: Path, batch_size: int) -> int:
@@ -162,6 +168,11 @@ class Trainer:
     def request_stop(self, reason: str) -> None:
         """End the run after this epoch is saved (status completed, `stop_reason` recorded)."""
         self._stop_asked = self._stop_asked or reason
+
+    def leave_group(self) -> None:
+        """Release what holds the process group (the DDP wrapper) before the session ends."""
+        if self._built_feed is not None and hasattr(self._built_feed[0], "release"):
+            self._built_feed[0].release()
 
     def locked(self) -> Any:
         """One writer per run folder (rank 0 under DDP; tlreg.runs.rundir.locked)."""
