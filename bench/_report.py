@@ -62,7 +62,8 @@ def machine() -> str:
     env = environment()
     v = env["versions"]
     return (f"{env['cpu']}, {env['cores']} cores; Python {v['python']}, torch {v['torch']}, "
-            f"timm {v['timm']}, tlreg {v['tlreg']}, commit {(env['commit'] or 'unknown')[:7]}")
+            f"timm {v['timm']}, tlreg {v['tlreg']}, commit {(env['commit'] or 'unknown')[:7]}"
+            + (" with uncommitted changes" if env["dirty"] else ""))
 
 
 def write_section(name: str, body: str) -> None:

@@ -12,7 +12,16 @@ import yaml
 from images import colour_folder
 from PIL import Image
 
-from tlreg.data.augment import KEEP_CROPS, KEEP_FLIPS, TIMM, choose, keeps, measure, weaker
+from tlreg.data.augment import (
+    CROP_SCALES,
+    KEEP_CROPS,
+    KEEP_FLIPS,
+    TIMM,
+    choose,
+    keeps,
+    measure,
+    weaker,
+)
 from tlreg.data.batched import BatchAugment
 from tlreg.engine.config import TrainConfig
 from tlreg.engine.probe import spread as _spread
@@ -54,10 +63,12 @@ def test_rule_keeps_the_strongest_views_the_probe_survives() -> None:
                jitters={0.4: 0.95}, images=100)
     assert (a.crop_scale, a.hflip, a.color_jitter) == (0.25, TIMM.hflip, 0.4)
     assert a.reason.startswith("crops down to 25% of the image, flips, colour jitter 0.4")
+    # Every crop floor loses the label: the eval transform's centre crop, never the whole
+    # image (a floor of 1 would train on another framing than the one evaluated).
     whole = choose(clean=1.0, crops={0.08: 0.5, 0.25: 0.5, 0.5: 0.5, 1.0: 1.0}, flipped=1.0,
                    jitters={}, images=100)
-    assert whole.crop_scale == 1.0
-    assert whole.reason.startswith("crops of the whole image (aspect-ratio jitter only)")
+    assert whole.crop_scale == 0.0 and 1.0 not in CROP_SCALES
+    assert whole.reason.startswith("no random crops, flips")
     a = choose(clean=0.8, crops={0.08: 0.8 * KEEP_CROPS - 0.01, 0.25: 0.1, 0.5: 0.2, 1.0: 0.7},
                flipped=0.8 * KEEP_FLIPS - 0.01, jitters={0.4: 0.5, 0.2: 0.75}, images=100)
     assert (a.crop_scale, a.hflip, a.color_jitter) == (0.0, 0.0, 0.2)
@@ -78,7 +89,7 @@ def test_weaker_steps_down_the_knob_the_probe_labels_worst() -> None:
         steps.append(step)
     got = [(s.crop_scale, s.hflip, s.color_jitter) for s in steps]
     assert got == [(0.25, 0.5, 0.4), (0.25, 0.5, 0.2), (0.25, 0.5, 0.0), (0.5, 0.5, 0.0),
-                   (1.0, 0.5, 0.0), (0.0, 0.5, 0.0), (0.0, 0.0, 0.0)]
+                   (0.0, 0.5, 0.0), (0.0, 0.0, 0.0)]
 
 
 def test_views_each_kept_alone_are_weakened_until_kept_together() -> None:
@@ -107,6 +118,23 @@ def test_views_each_kept_alone_are_weakened_until_kept_together() -> None:
     assert all(s["accuracy"] < KEEP_CROPS for s in together)  # measured 0.55, 0.67
     assert (a.crop_scale, a.hflip, a.color_jitter) == (0.0, 0.5, 0.0)  # the crop as given
     assert a.reason.startswith("no random crops, flips, no colour jitter")
+
+
+def test_a_crop_floor_of_one_is_kept_only_when_the_user_asks() -> None:
+    config = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3,
+              "crop_pct": 0.875, "interpolation": "bilinear", "crop_mode": "center"}
+    images = [torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8) for _ in range(8)]
+    labels = torch.zeros(len(images), dtype=torch.long)
+
+    def predict(batch: torch.Tensor) -> torch.Tensor:  # right on every view
+        return torch.zeros(len(batch), dtype=torch.long)
+
+    a = measure(images, labels, predict, config, batch_size=4, seed=0)
+    assert a.crop_scale == 0.08 and a.measured["crop_accuracy"] == {"0.08": 1.0}
+    asked = measure(images, labels, predict, config, batch_size=4, seed=0,
+                    given={"crop_scale": 1.0})  # --crop-scale 1
+    assert asked.crop_scale == 1.0
+    assert asked.reason.startswith("crops of the whole image (aspect-ratio jitter only)")
 
 
 def test_sample_takes_every_class_and_is_seeded() -> None:
@@ -155,7 +183,7 @@ def test_a_run_measures_flips_and_crops_and_records_them(tmp_path: Path) -> None
     assert m["images"] == 32 and m["clean_accuracy"] >= 0.9  # the probe tells them apart
     assert m["flipped_accuracy"] < KEEP_FLIPS * m["clean_accuracy"]  # a mirror swaps them
     assert a["hflip"] == 0.0 and "no flips" in a["reason"]
-    assert a["crop_scale"] in (0.0, 0.08, 0.25, 0.5, 1.0) and a["color_jitter"] in (0, 0.2, 0.4)
+    assert a["crop_scale"] in (0.0, 0.08, 0.25, 0.5) and a["color_jitter"] in (0, 0.2, 0.4)
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert (saved["crop_scale"], saved["hflip"]) == (a["crop_scale"], 0.0)  # resume repeats it
     assert json.loads((tmp_path / "run" / "run.json").read_text())["augment"] == a
