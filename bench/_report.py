@@ -43,7 +43,9 @@ def environment() -> dict[str, Any]:
         "cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "gpu": _gpu(), "versions": versions, "commit": git("rev-parse", "HEAD") or None,
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        # what the benchmarks write themselves does not count as a change to what ran
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                          ":!bench/results", ":!docs/benchmarks.md")),
         # glibc tuning in the environment changes what every run's allocator does
         "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
     }
