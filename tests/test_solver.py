@@ -97,6 +97,26 @@ def test_cv_fit_is_the_optimum_at_its_c_on_raw_features() -> None:
     assert diff.abs().max().item() < 1e-3 * theirs.abs().max().item()
 
 
+@pytest.mark.parametrize("d", [100, 250])
+def test_the_fit_is_the_optimum_with_and_without_the_row_space_basis(d: int) -> None:
+    """90 images: 100 features fit in full, 250 in the images' span (< half the width);
+    both reach scikit-learn's optimum on the standardised features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from tlreg.engine.solver import _basis
+
+    x, y = blobs(n=90, d=d)
+    assert (_basis(x.double()) is None) == (d == 100)
+    result = cv_linear(x, y, 3, seed=0)
+    z = StandardScaler().fit_transform(x.double().numpy())
+    ref = LogisticRegression(C=result.C, tol=1e-12, max_iter=100_000).fit(z, y.numpy())
+    ours = x.double() @ result.state["weight"].double().T + result.state["bias"].double()
+    theirs = torch.tensor(ref.decision_function(z))
+    diff = (ours - ours.mean(1, keepdim=True)) - (theirs - theirs.mean(1, keepdim=True))
+    assert diff.abs().max().item() < 1e-3 * theirs.abs().max().item()
+
+
 def test_c_is_chosen_like_scikit_learns_grid_search() -> None:
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV, PredefinedSplit
