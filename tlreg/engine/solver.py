@@ -54,6 +54,7 @@ _PATIENCE = 3  # path points past the best CV accuracy and loss before the path 
 #: ops per iteration, which the folds' loose float32 fits do not win back (3.2 vs 6.7 ms an
 #: iteration at C=0.03).
 FINAL_HISTORY = 100
+_HISTORY = 20  # every other fit's pairs, and the fewest any fit keeps
 _HISTORY_BYTES = 256 * 2**20  # the pairs' memory (2 vectors each) stays under this
 
 
@@ -148,10 +149,10 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, *
                  label_smoothing: float = 0.0,
                  init: tuple[torch.Tensor, torch.Tensor] | None = None, max_iter: int = 1000,
                  tol: float = 1e-9, class_weight: torch.Tensor | None = None,
-                 history: int = 20) -> tuple[torch.Tensor, torch.Tensor, int]:
+                 history: int = _HISTORY) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(W, b, iterations) minimising `logistic_objective` by L-BFGS, in x's dtype and device.
 
-    `history`: curvature pairs kept; over 20, capped so that they fit in 256 MiB (many
+    `history`: curvature pairs kept; over `_HISTORY`, capped so that they fit in 256 MiB (many
     classes times wide features).
 
     `y`: class indices (softmax), or 0/1 rows (independent sigmoids); the gradient has the
@@ -164,7 +165,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, *
         theta = torch.cat([init[0].flatten(), init[1]]).to(x)
     theta.requires_grad_(True)
     cap = _HISTORY_BYTES // (2 * theta.numel() * theta.element_size())
-    history = min(history, max(20, cap))  # 20 pairs, as always, whatever the size
+    history = min(history, max(_HISTORY, cap))
     opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_iter, history_size=history,
                             tolerance_grad=tol, tolerance_change=1e-14,
                             line_search_fn="strong_wolfe")
