@@ -287,7 +287,7 @@ def out_of_fold_probs(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, fol
     """
     import torch
 
-    from tlreg.engine.solver import cv_linear, fit_logistic, stratified_folds
+    from tlreg.engine.solver import FINAL_TOL, cv_linear, fit_logistic, moments, stratified_folds
 
     t0 = time.perf_counter()
     x64, y = x.detach().to(torch.float64), y.detach().long()
@@ -303,10 +303,8 @@ def out_of_fold_probs(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, fol
     probs = torch.empty(len(y), num_classes, dtype=torch.float64, device=x.device)
     for f in range(k):
         tr, te = fold_of != f, fold_of == f
-        mean = x64[tr].mean(0)
-        std = x64[tr].std(0, unbiased=False)
-        std = torch.where(std > 1e-12, std, torch.ones_like(std))
-        w, b, _ = fit_logistic((x64[tr] - mean) / std, y[tr], num_classes, C, tol=1e-7)
+        mean, std = moments(x64[tr])
+        w, b, _ = fit_logistic((x64[tr] - mean) / std, y[tr], num_classes, C, tol=FINAL_TOL)
         probs[te] = (((x64[te] - mean) / std) @ w.T + b).softmax(1)
     accuracy = float((probs.argmax(1) == y).double().mean())
     return probs.cpu(), {"folds": k, "C": C, "cv_accuracy": cv_accuracy,
