@@ -102,6 +102,34 @@ def test_cv_fit_is_the_optimum_at_its_c_on_raw_features(d: int) -> None:
     assert diff.abs().max().item() < 1e-3 * theirs.abs().max().item()
 
 
+def test_the_threaded_path_scores_points_in_order_and_raises_a_folds_error() -> None:
+    """Folds run ahead of the point being scored, but each point is taken once, in order, with
+    its folds' fits in fold order; a fold's error reaches the caller."""
+    from tlreg.engine.solver import _walk_path
+
+    taken: list[tuple[int, list]] = []
+
+    def solve(f: int, i: int) -> tuple:
+        return (f, i, 0)
+
+    def take(i: int, fits: list) -> bool:
+        taken.append((i, fits))
+        return i == 3
+
+    pool = _walk_path(solve, take, 5, 8, workers=2)
+    assert pool is not None
+    pool.shutdown()
+    assert taken == [(i, [(f, i, 0) for f in range(5)]) for i in range(4)]
+
+    def broken(f: int, i: int) -> tuple:
+        if (f, i) == (2, 1):
+            raise ValueError("fold 2 diverged")
+        return (f, i, 0)
+
+    with pytest.raises(ValueError, match="fold 2 diverged"):
+        _walk_path(broken, lambda i, fits: False, 5, 4, workers=2)
+
+
 def test_c_is_chosen_like_scikit_learns_grid_search() -> None:
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV, PredefinedSplit
@@ -127,18 +155,23 @@ def test_strong_regularisation_is_chosen_for_noise_and_weak_for_signal() -> None
     assert noise.C <= 0.1 < signal.C
 
 
-def test_folds_solved_in_threads_give_the_same_fit_and_each_folds_accuracy() -> None:
+@pytest.mark.parametrize("workers", [2, 3])
+def test_folds_solved_in_threads_give_the_same_fit_and_each_folds_accuracy(workers: int) -> None:
     """`workers` (what `tlreg rank` uses) changes how folds are scheduled, not what they
     compute: the path, C, fold accuracies and weights are bitwise those of one worker, and the
-    fold accuracies are the held-out counts the CV accuracy sums."""
+    fold accuracies are the held-out counts the CV accuracy sums. The path stops before its
+    end, so folds that ran ahead past the stop are left out too."""
+    from tlreg.engine.solver import DEFAULT_CS
+
     x, y = blobs(n=150, d=40, k=3, noise=3.0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         one = cv_linear(x, y, 3, folds=5, seed=3)
-        two = cv_linear(x, y, 3, folds=5, seed=3, workers=2)
+        two = cv_linear(x, y, 3, folds=5, seed=3, workers=workers)
     finally:
         torch.set_num_threads(threads)
+    assert len(one.path) < len(DEFAULT_CS)
     assert one.path == two.path and one.C == two.C and one.iterations == two.iterations
     assert one.fold_accuracies == two.fold_accuracies and len(one.fold_accuracies) == 5
     assert all(torch.equal(one.state[k], two.state[k]) for k in one.state)

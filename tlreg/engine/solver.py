@@ -23,7 +23,8 @@ tests and `bench.accuracy` compare this solver with.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -253,6 +254,55 @@ def _basis(x: torch.Tensor) -> torch.Tensor | None:
     return ((x.T @ evecs[:, keep]) / evals[keep].sqrt()).contiguous()
 
 
+_Fit = tuple[torch.Tensor, torch.Tensor, int]  # (W, b, iterations) of one fold at one C
+
+
+def _walk_path(solve: Callable[[int, int], _Fit], take: Callable[[int, list[_Fit]], bool],
+               k: int, points: int, workers: int) -> ThreadPoolExecutor | None:
+    """Solve k folds at path points 0, 1, ... (`solve(fold, point)`); `take(point, fits)` scores
+    a point once its k fits are in and returns True to stop the path.
+
+    With threads, a fold starts its next point as soon as its own last one is done (at most one
+    point ahead of the point being scored), so no thread idles at each point while the last fold
+    of a round finishes: 5 folds on 2 threads take 2.5 fold-solves of time a point, not 3. Each
+    fold solves the same sequence either way, so the path is bitwise the same. Returns the pool,
+    still finishing the solves begun past the path's end, for the caller to join after its final
+    fit (which runs beside them); None without threads.
+    """
+    if workers <= 1 or points == 0:
+        for i in range(points):
+            if take(i, [solve(f, i) for f in range(k)]):
+                break
+        return None
+    pool = ThreadPoolExecutor(min(workers, k))
+    running: dict[Future[_Fit], tuple[int, int]] = {}
+    done: dict[int, dict[int, _Fit]] = {}
+    idle = list(range(k))  # folds with no solve in flight
+    nxt, scored = [0] * k, 0
+    try:
+        while True:
+            for f in [f for f in idle if nxt[f] < points and nxt[f] <= scored + 1]:
+                idle.remove(f)
+                running[pool.submit(solve, f, nxt[f])] = (f, nxt[f])
+                nxt[f] += 1
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                f, i = running.pop(future)
+                done.setdefault(i, {})[f] = future.result()
+                idle.append(f)
+            while len(done.get(scored, ())) == k:
+                fits = done.pop(scored)
+                stop = take(scored, [fits[f] for f in range(k)])
+                scored += 1
+                if stop or scored == points:
+                    for future in running:
+                        future.cancel()
+                    return pool
+    except BaseException:
+        pool.shutdown(cancel_futures=True)
+        raise
+
+
 def cv_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
               Cs: Sequence[float] = DEFAULT_CS, folds: int = 5, seed: int = 0,
               label_smoothing: float = 0.0,
@@ -263,13 +313,13 @@ def cv_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
     in float64 to `FINAL_TOL`. Returns the fit on all of (x, y) at the chosen C,
     standardisation folded in (`state` = {'weight', 'bias'} for raw features).
 
-    `workers`: folds solved at once, in threads. Each fold's ops are the same either way, so
-    the result is bitwise the same; it pays where torch runs one intra-op thread (`tlreg rank`
-    sets one: 1.2x on 2 cores for 1,540 x 1,280 x 10), and on large problems only (small ops
-    hold the GIL: tlreg.analysis.rank.PARALLEL_FOLD_WORK), not beside a multi-threaded op.
+    `workers`: folds solved at once, in threads, each fold running ahead to its next C without
+    waiting for the others (`_walk_path`). Each fold's ops are the same either way, so the
+    result is bitwise the same; it pays where torch runs one intra-op thread (`tlreg rank` sets
+    one), and on large problems only (small ops hold the GIL:
+    tlreg.analysis.rank.PARALLEL_FOLD_WORK), not beside a multi-threaded op.
     """
     import time
-    from concurrent.futures import ThreadPoolExecutor
 
     t0 = time.perf_counter()
     x64, y = x.detach().to(torch.float64), y.detach().long()
@@ -291,36 +341,35 @@ def cv_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
         inits: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * k
         per_fold: dict[float, tuple[float, ...]] = {}
         best_acc, best_loss, since_best = -1.0, math.inf, 0
-        pool = ThreadPoolExecutor(min(workers, k)) if workers > 1 else None
 
-        def solve(f: int, C: float) -> tuple[torch.Tensor, torch.Tensor, int]:
-            return fit_logistic(parts[f][0], parts[f][1], num_classes, C, init=inits[f],
-                                tol=FOLD_TOL, class_weight=class_weight, max_iter=500,
-                                label_smoothing=label_smoothing)
+        def solve(f: int, i: int) -> _Fit:
+            w, b, it = fit_logistic(parts[f][0], parts[f][1], num_classes, Cs[i], init=inits[f],
+                                    tol=FOLD_TOL, class_weight=class_weight, max_iter=500,
+                                    label_smoothing=label_smoothing)
+            inits[f] = (w, b)  # strong to weak: the fold's next C starts from here
+            return w, b, it
 
-        for C in Cs:  # strong to weak: each fold starts from its solution at the previous C
+        def take(i: int, fits: list[_Fit]) -> bool:
+            """Score path point i from its folds' fits; True: stop the path."""
+            nonlocal iterations, best_acc, best_loss, since_best
             correct = loss = 0.0
             accs = []
-            solved = (pool.map if pool is not None else map)(solve, range(k), [C] * k)
-            for f, (w, b, it) in enumerate(solved):
-                _, _, xte, yte = parts[f]
-                inits[f] = (w, b)
+            for (w, b, it), (_, _, xte, yte) in zip(fits, parts, strict=True):
                 iterations += it
                 c, s = fold_scores(xte @ w.T + b, yte)
                 correct, loss = correct + c, loss + s
                 accs.append(c / len(yte))
-            per_fold[C] = tuple(accs)
-            point = {"C": C, "cv_accuracy": correct / len(y), "cv_loss": loss / len(y)}
+            per_fold[Cs[i]] = tuple(accs)
+            point = {"C": Cs[i], "cv_accuracy": correct / len(y), "cv_loss": loss / len(y)}
             path.append(point)
             better = (point["cv_accuracy"] > best_acc + 1e-12
                       or point["cv_loss"] < best_loss - 1e-9)
             best_acc = max(best_acc, point["cv_accuracy"])
             best_loss = min(best_loss, point["cv_loss"])
             since_best = 0 if better else since_best + 1
-            if since_best >= _PATIENCE:  # neither score improves: weaker C only over-fits
-                break
-        if pool is not None:
-            pool.shutdown()
+            return since_best >= _PATIENCE  # neither score improves: weaker C only over-fits
+
+        pool = _walk_path(solve, take, k, len(Cs), workers)
         chosen = choose_point(path, multi)
         C, reason = chosen["C"], (
             f"C={chosen['C']:.3g}: best {k}-fold CV "
@@ -329,14 +378,18 @@ def cv_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, *,
     else:
         C, chosen, k = 1.0, {"cv_accuracy": None, "cv_loss": None}, 0
         reason = "C=1 (scikit-learn's default): a class has fewer than 2 training images, no CV"
-        per_fold = {}
+        per_fold, pool = {}, None
     mean, std = moments(x64)
     xs = (x64 - mean) / std
     basis = _basis(xs)
     z = xs @ basis if basis is not None else xs
-    w, b, it = fit_logistic(z, y, num_classes, C, init=None, tol=FINAL_TOL,
-                            class_weight=class_weight, history=FINAL_HISTORY,
-                            label_smoothing=label_smoothing)
+    try:
+        w, b, it = fit_logistic(z, y, num_classes, C, init=None, tol=FINAL_TOL,
+                                class_weight=class_weight, history=FINAL_HISTORY,
+                                label_smoothing=label_smoothing)
+    finally:
+        if pool is not None:
+            pool.shutdown()  # the solves begun past the path's end ran beside the final fit
     iterations += it
     if basis is not None:
         w = w @ basis.T
