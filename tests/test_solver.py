@@ -14,6 +14,9 @@ from tlreg.engine import auto
 from tlreg.engine.config import TrainConfig
 from tlreg.engine.head_fit import cv_steps
 from tlreg.engine.solver import (
+    DEFAULT_CS,
+    _basis,
+    _walk_path,
     cv_linear,
     fit_logistic,
     logistic_objective,
@@ -86,8 +89,6 @@ def test_cv_fit_is_the_optimum_at_its_c_on_raw_features(d: int) -> None:
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from tlreg.engine.solver import _basis
-
     x, y = blobs(n=90, d=d)
     assert (_basis(x.double()) is None) == (d == 20)
     result = cv_linear(x, y, 3, seed=0)
@@ -105,8 +106,6 @@ def test_cv_fit_is_the_optimum_at_its_c_on_raw_features(d: int) -> None:
 def test_the_threaded_path_scores_points_in_order_and_raises_a_folds_error() -> None:
     """Folds run ahead of the point being scored, but each point is taken once, in order, with
     its folds' fits in fold order; a fold's error reaches the caller."""
-    from tlreg.engine.solver import _walk_path
-
     taken: list[tuple[int, list]] = []
 
     def solve(f: int, i: int) -> tuple:
@@ -161,8 +160,6 @@ def test_folds_solved_in_threads_give_the_same_fit_and_each_folds_accuracy(worke
     compute: the path, C, fold accuracies and weights are bitwise those of one worker, and the
     fold accuracies are the held-out counts the CV accuracy sums. The path stops before its
     end, so folds that ran ahead past the stop are left out too."""
-    from tlreg.engine.solver import DEFAULT_CS
-
     x, y = blobs(n=150, d=40, k=3, noise=3.0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

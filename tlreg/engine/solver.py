@@ -277,19 +277,18 @@ def _walk_path(solve: Callable[[int, int], _Fit], take: Callable[[int, list[_Fit
     pool = ThreadPoolExecutor(min(workers, k))
     running: dict[Future[_Fit], tuple[int, int]] = {}
     done: dict[int, dict[int, _Fit]] = {}
-    idle = list(range(k))  # folds with no solve in flight
-    nxt, scored = [0] * k, 0
+    nxt, scored = [0] * k, 0  # each fold's next point; the point being scored
     try:
         while True:
-            for f in [f for f in idle if nxt[f] < points and nxt[f] <= scored + 1]:
-                idle.remove(f)
-                running[pool.submit(solve, f, nxt[f])] = (f, nxt[f])
-                nxt[f] += 1
+            busy = {f for f, _ in running.values()}
+            for f in range(k):
+                if f not in busy and nxt[f] < points and nxt[f] <= scored + 1:
+                    running[pool.submit(solve, f, nxt[f])] = (f, nxt[f])
+                    nxt[f] += 1
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 f, i = running.pop(future)
                 done.setdefault(i, {})[f] = future.result()
-                idle.append(f)
             while len(done.get(scored, ())) == k:
                 fits = done.pop(scored)
                 stop = take(scored, [fits[f] for f in range(k)])
